@@ -1,0 +1,1 @@
+"""Operator front ends on the command line."""

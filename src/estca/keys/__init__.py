@@ -1,0 +1,1 @@
+"""CA key custody: where CA private keys live and how they are unlocked, behind one interface."""

@@ -1,0 +1,73 @@
+"""Validating a client certificate against a set of configured anchors.
+
+Every certificate an operator configures is an anchor (partial-chain validation): a bootstrap
+chain need not reach a self-signed root. Device certificates made by manufacturers rarely follow
+the Web PKI profile, so end-entity extensions are not constrained; issuers must still be CAs.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+
+from cryptography import x509
+from cryptography.x509 import verification
+
+from estca.errors import ClientCertificateError
+from estca.pki.names import format_name
+
+
+def _require_ca(
+    policy: verification.Policy, certificate: x509.Certificate, value: x509.BasicConstraints | None
+) -> None:
+    if value is None or not value.ca:
+        raise ValueError("issuer is not a CA")
+
+
+_CA_POLICY = verification.ExtensionPolicy.permit_all().require_present(
+    x509.BasicConstraints, verification.Criticality.AGNOSTIC, _require_ca
+)
+_END_ENTITY_POLICY = verification.ExtensionPolicy.permit_all()
+
+
+class ChainValidator:
+    """Validates leaves against a fixed set of anchors; built once, used for many requests."""
+
+    def __init__(self, anchors: Sequence[x509.Certificate]) -> None:
+        self._anchors = list(anchors)
+        self._store = verification.Store(self._anchors)
+
+    def validate(self, leaf: x509.Certificate, now: datetime.datetime) -> list[x509.Certificate]:
+        """Return the validated chain, leaf first.
+
+        Raises:
+            ClientCertificateError: the leaf is not currently valid or does not chain to an anchor.
+        """
+        # Validity is checked first so that the refusal says which date was missed (RFC 5280
+        # 6.1.3 (a)(2)); the verifier below would only say "not valid at validation time".
+        if now > leaf.not_valid_after_utc:
+            raise ClientCertificateError(
+                f"client certificate {format_name(leaf.subject)!r} expired at "
+                f"{leaf.not_valid_after_utc.isoformat()}"
+            )
+        if now < leaf.not_valid_before_utc:
+            raise ClientCertificateError(
+                f"client certificate {format_name(leaf.subject)!r} is not valid before "
+                f"{leaf.not_valid_before_utc.isoformat()}"
+            )
+        verifier = (
+            verification.PolicyBuilder()
+            .store(self._store)
+            .time(now)
+            .extension_policies(ca_policy=_CA_POLICY, ee_policy=_END_ENTITY_POLICY)
+            .build_client_verifier()
+        )
+        try:
+            verified = verifier.verify(leaf, self._anchors)
+        except verification.VerificationError as exc:
+            raise ClientCertificateError(
+                f"client certificate {format_name(leaf.subject)!r} issued by "
+                f"{format_name(leaf.issuer)!r} does not chain to this label's trusted "
+                f"certificates: {exc}"
+            ) from None
+        return list(verified.chain)

@@ -1,0 +1,142 @@
+"""Distinguished names and subject alternative names: parsing, printing and comparing."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from estca.errors import BadRequestError, ConfigurationError
+
+#: Subject attributes a template may speak of, by the short names operators write.
+SUBJECT_ATTRIBUTES: dict[str, x509.ObjectIdentifier] = {
+    "CN": NameOID.COMMON_NAME,
+    "O": NameOID.ORGANIZATION_NAME,
+    "OU": NameOID.ORGANIZATIONAL_UNIT_NAME,
+    "C": NameOID.COUNTRY_NAME,
+    "ST": NameOID.STATE_OR_PROVINCE_NAME,
+    "L": NameOID.LOCALITY_NAME,
+    "serialNumber": NameOID.SERIAL_NUMBER,
+    "emailAddress": NameOID.EMAIL_ADDRESS,
+}
+_ATTRIBUTE_NAMES = {oid: name for name, oid in SUBJECT_ATTRIBUTES.items()}
+
+#: SAN types a template may speak of.
+SAN_TYPES = ("dns", "ip", "email", "uri")
+
+
+def parse_distinguished_name(text: str) -> x509.Name:
+    """Parse ``CN=Example Root,O=Example,C=NL`` (RFC 4514, most specific first).
+
+    Raises:
+        ConfigurationError: the text is not a distinguished name.
+    """
+    try:
+        name = x509.Name.from_rfc4514_string(
+            text,
+            {"serialNumber": NameOID.SERIAL_NUMBER, "emailAddress": NameOID.EMAIL_ADDRESS},
+        )
+    except ValueError as exc:
+        raise ConfigurationError(f"not a distinguished name: {text!r} ({exc})") from exc
+    if not name.rdns:
+        raise ConfigurationError(f"empty distinguished name: {text!r}")
+    return name
+
+
+def attribute_name(oid: x509.ObjectIdentifier) -> str:
+    """The short name of a subject attribute, or its dotted OID when it has none here."""
+    return _ATTRIBUTE_NAMES.get(oid, oid.dotted_string)
+
+
+def format_name(name: x509.Name) -> str:
+    """Print a name the way operators write it (RFC 4514, with estca's short names)."""
+    return name.rfc4514_string(
+        {NameOID.SERIAL_NUMBER: "serialNumber", NameOID.EMAIL_ADDRESS: "emailAddress"}
+    )
+
+
+def _normalise_string(value: str | bytes) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return " ".join(value.split()).casefold()
+
+
+def comparable_name(name: x509.Name) -> tuple[frozenset[tuple[str, str]], ...]:
+    """A key under which two names are equal exactly when RFC 5280 7.1 says they match.
+
+    Attribute values are compared case-insensitively with white space collapsed, and the
+    attributes of one multi-valued RDN in any order.
+    """
+    return tuple(
+        frozenset((attr.oid.dotted_string, _normalise_string(attr.value)) for attr in rdn)
+        for rdn in name.rdns
+    )
+
+
+@dataclass(frozen=True, order=True)
+class SubjectAltName:
+    """One SAN entry of a type a template can speak of: ``dns``, ``ip``, ``email``, ``uri``."""
+
+    kind: str
+    value: str
+
+    def comparable(self) -> tuple[str, str]:
+        """The form under which RFC 5280 says two entries are the same name."""
+        if self.kind == "ip":
+            return (self.kind, str(ipaddress.ip_network(self.value, strict=False)))
+        if self.kind == "uri":
+            scheme, sep, rest = self.value.partition("://")
+            host, slash, path = rest.partition("/")
+            return (self.kind, scheme.lower() + sep + host.lower() + slash + path)
+        if self.kind == "email":
+            local, at, domain = self.value.rpartition("@")
+            return (self.kind, local + at + domain.lower())
+        return (self.kind, self.value.rstrip(".").lower())
+
+    def to_general_name(self) -> x509.GeneralName:
+        if self.kind == "dns":
+            return x509.DNSName(self.value)
+        if self.kind == "ip":
+            return x509.IPAddress(ipaddress.ip_address(self.value))
+        if self.kind == "email":
+            return x509.RFC822Name(self.value)
+        return x509.UniformResourceIdentifier(self.value)
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.value}"
+
+
+def read_subject_alt_names(
+    extensions: x509.Extensions,
+) -> tuple[list[SubjectAltName], list[str]]:
+    """The SAN entries of a certificate or CSR, and a description of each unsupported entry.
+
+    Raises:
+        BadRequestError: the SAN extension cannot be parsed.
+    """
+    try:
+        extension = extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return [], []
+    except ValueError as exc:
+        raise BadRequestError(f"unparseable subjectAltName: {exc}") from exc
+    names: list[SubjectAltName] = []
+    unsupported: list[str] = []
+    for general_name in extension.value:
+        if isinstance(general_name, x509.DNSName):
+            names.append(SubjectAltName("dns", general_name.value))
+        elif isinstance(general_name, x509.IPAddress):
+            names.append(SubjectAltName("ip", str(general_name.value)))
+        elif isinstance(general_name, x509.RFC822Name):
+            names.append(SubjectAltName("email", general_name.value))
+        elif isinstance(general_name, x509.UniformResourceIdentifier):
+            names.append(SubjectAltName("uri", general_name.value))
+        else:
+            unsupported.append(type(general_name).__name__)
+    return names, unsupported
+
+
+def comparable_sans(names: list[SubjectAltName]) -> frozenset[tuple[str, str]]:
+    return frozenset(name.comparable() for name in names)
