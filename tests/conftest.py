@@ -105,17 +105,44 @@ def deployment(
     run = installation.run
     run("ca", "create-root", "root", "--subject", "CN=Test Root,O=estca tests,C=NL")
     run(
-        "ca", "create-intermediate", "issuing", "--parent", "root",
-        "--subject", "CN=Test Issuing CA,O=estca tests", "--path-length", "0",
+        "ca",
+        "create-intermediate",
+        "issuing",
+        "--parent",
+        "root",
+        "--subject",
+        "CN=Test Issuing CA,O=estca tests",
+        "--path-length",
+        "0",
     )
     run(
-        "template", "create", "devices", "--ca", "issuing",
-        "--allow-subject", "CN=device-*", "--allow-subject", "O=*", "--require-subject", "CN",
-        "--deny-subject", "CN=device-forbidden*",
-        "--allow-san", "dns=*.devices.test", "--allow-san", "ip=10.*",
-        "--key-types", "ec-p256,ec-p384", "--key-types", "rsa-2048",
-        "--key-usage", "digitalSignature,keyEncipherment",
-        "--extended-key-usage", "clientAuth", "--max-days", "30",
+        "template",
+        "create",
+        "devices",
+        "--ca",
+        "issuing",
+        "--allow-subject",
+        "CN=device-*",
+        "--allow-subject",
+        "O=*",
+        "--require-subject",
+        "CN",
+        "--deny-subject",
+        "CN=device-forbidden*",
+        "--allow-san",
+        "dns=*.devices.test",
+        "--allow-san",
+        "ip=10.*",
+        "--key-types",
+        "ec-p256,ec-p384",
+        "--key-types",
+        "rsa-2048",
+        "--key-usage",
+        "digitalSignature,keyEncipherment",
+        "--extended-key-usage",
+        "clientAuth",
+        "--max-days",
+        "30",
     )
     run("template", "create", "others", "--ca", "issuing", "--allow-subject", "CN=*")
     manufacturer = make_manufacturer(work / "maker", "Acme")
@@ -126,14 +153,28 @@ def deployment(
     chain = work / "maker-chain.pem"
     chain.write_bytes(manufacturer.intermediate.pem() + manufacturer.root.pem())
     run(
-        "est", "enable", "devices", "--bootstrap-chain", str(chain),
-        "--passphrase-file", str(passphrase_file), "--label", "devices",
+        "est",
+        "enable",
+        "devices",
+        "--bootstrap-chain",
+        str(chain),
+        "--passphrase-file",
+        str(passphrase_file),
+        "--label",
+        "devices",
     )
     other_chain = work / "other-chain.pem"
     other_chain.write_bytes(other.intermediate.pem() + other.root.pem())
     run(
-        "est", "enable", "others", "--bootstrap-chain", str(other_chain),
-        "--passphrase-file", str(passphrase_file), "--label", "others",
+        "est",
+        "enable",
+        "others",
+        "--bootstrap-chain",
+        str(other_chain),
+        "--passphrase-file",
+        str(passphrase_file),
+        "--label",
+        "others",
     )
     bootstrap = manufacturer.device("bootstrap", "device-bootstrap")
     server = EstServer(installation)

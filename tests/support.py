@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -39,8 +40,12 @@ def utc_now() -> datetime.datetime:
 
 
 def name(common_name: str, **attributes: str) -> x509.Name:
-    oids = {"O": NameOID.ORGANIZATION_NAME, "OU": NameOID.ORGANIZATIONAL_UNIT_NAME,
-            "C": NameOID.COUNTRY_NAME, "serialNumber": NameOID.SERIAL_NUMBER}
+    oids = {
+        "O": NameOID.ORGANIZATION_NAME,
+        "OU": NameOID.ORGANIZATIONAL_UNIT_NAME,
+        "C": NameOID.COUNTRY_NAME,
+        "serialNumber": NameOID.SERIAL_NUMBER,
+    }
     parts = [x509.NameAttribute(oids[key], value) for key, value in attributes.items()]
     return x509.Name([*parts, x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
@@ -182,6 +187,15 @@ class EstcaInstallation:
             raise AssertionError(f"estca {' '.join(args)} failed: {result.stderr}")
         return result
 
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        """Read the store directly, as an auditor would."""
+        engine = sqlalchemy.create_engine(self.database_url)
+        try:
+            with engine.connect() as connection:
+                return [tuple(row) for row in connection.execute(sqlalchemy.text(sql))]
+        finally:
+            engine.dispose()
+
     def json(self, *args: str) -> Any:
         return json.loads(self.run(*args, "--json").stdout)
 
@@ -255,8 +269,16 @@ class EstServer:
         """One request with curl (a fresh connection, as a device makes it)."""
         head_file = self.installation.home / f"curl-head-{secrets.token_hex(4)}"
         command = [
-            "curl", "-sS", "--http1.1", "--cacert", str(self.server_ca),
-            "-D", str(head_file), "-o", "-", self.url(label, operation),
+            "curl",
+            "-sS",
+            "--http1.1",
+            "--cacert",
+            str(self.server_ca),
+            "-D",
+            str(head_file),
+            "-o",
+            "-",
+            self.url(label, operation),
         ]
         if cert is not None:
             command += ["--cert", str(cert[0]), "--key", str(cert[1])]

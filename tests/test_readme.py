@@ -1,0 +1,80 @@
+"""The README's quickstart and first enrollment run as written."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cryptography import x509
+
+from tests.support import free_port
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _block_after(heading: str) -> str:
+    text = README.read_text("utf-8")
+    section = text.split(f"## {heading}", 1)[1]
+    match = re.search(r"```sh\n(.*?)```", section, re.DOTALL)
+    assert match is not None, f"no sh block under {heading!r}"
+    return match.group(1)
+
+
+def test_readme_opens_with_the_two_commands() -> None:
+    blocks = re.findall(r"```sh\n(.*?)```", README.read_text("utf-8"), re.DOTALL)
+    assert blocks[0].strip() == "pip install . && estca quickstart"
+    assert blocks[1].strip() == "pip install -e '.[test]' && pytest"
+    ci = (README.parent / ".ci" / "run").read_text("utf-8")
+    assert "\npip install -e '.[test]' && pytest\n" in ci
+
+
+def test_quickstart_then_first_enrollment_as_written(tmp_path: Path) -> None:
+    port = free_port()
+    log = (tmp_path / "quickstart.log").open("wb")
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "estca.cli.main",
+            "quickstart",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while b"serving EST" not in (tmp_path / "quickstart.log").read_bytes():
+            assert server.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "quickstart.log"
+            ).read_text()
+            time.sleep(0.1)
+        printed = (tmp_path / "quickstart.log").read_text()
+        assert "openssl req -new" in printed and "simpleenroll" in printed
+
+        script = _block_after("A first enrollment").replace("8443", str(port))
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "device.pem: OK" in result.stdout
+        demo = tmp_path / "estca-data" / "demo"
+        first = x509.load_pem_x509_certificate((demo / "device.pem").read_bytes())
+        renewed = x509.load_pem_x509_certificate((demo / "device-renewed.pem").read_bytes())
+        assert first.subject == renewed.subject
+        assert first.serial_number != renewed.serial_number
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+        log.close()
