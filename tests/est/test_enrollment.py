@@ -457,3 +457,34 @@ def test_disabled_label_disappears_without_restart(deployment: Deployment) -> No
     run("est", "disable", "ephemeral")
     deployment.server.wait_for_log(mark, "reloaded")
     assert deployment.server.curl("ephemeral", "cacerts").status == 404
+
+
+def test_no_bootstrap_validation_enrolls_on_passphrase_alone_but_not_without_it(
+    deployment: Deployment,
+) -> None:
+    run = deployment.installation.run
+    run("template", "create", "passonly", "--ca", "issuing", "--allow-subject", "CN=*")
+    mark = deployment.server.log_mark()
+    run(
+        "est",
+        "enable",
+        "passonly",
+        "--no-bootstrap-validation",
+        "--bootstrap-chain",
+        str(deployment.work / "maker-chain.pem"),
+        "--passphrase-file",
+        str(deployment.work / "passphrase.txt"),
+        "--label",
+        "passonly",
+    )
+    deployment.server.wait_for_log(mark, "labels: .*passonly")
+    der, _ = make_csr(name("kiosk-1"))
+
+    enrolled = deployment.server.curl(
+        "passonly", "simpleenroll", body=der, password=deployment.passphrase
+    )
+    refused = deployment.server.curl("passonly", "simpleenroll", body=der, password="wrong-one")
+
+    assert enrolled.status == 200, enrolled.body
+    assert enrolled.certificates()[0].subject == name("kiosk-1")
+    assert refused.status == 401
