@@ -15,7 +15,11 @@ BASE64_LINE = 64
 
 
 def certs_only_der(certificates: list[x509.Certificate]) -> bytes:
-    """A certs-only SignedData holding these certificates in this order (DER, definite lengths)."""
+    """A certs-only SignedData holding these certificates (DER, definite lengths).
+
+    The order given is not kept: DER sorts the certificates SET OF by encoding (X.690 11.6),
+    which in practice puts the shorter certificate first.
+    """
     return pkcs7.serialize_certificates(certificates, Encoding.DER)
 
 
