@@ -194,8 +194,10 @@ def make_material(kind: str, directory: Path, count: int) -> Material:
         device = certificate(cn(subject), device_key, (maker, maker_key), ca=False)
         path = directory / "devices" / f"{index}.pem"
         path.write_bytes(pem(device) + key_pem(device_key))
-        csr = x509.CertificateSigningRequestBuilder().subject_name(cn(subject)).sign(
-            csr_key, hashes.SHA256()
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(cn(subject))
+            .sign(csr_key, hashes.SHA256())
         )
         device_files.append(path)
         csr_ders.append(csr.public_bytes(serialization.Encoding.DER))
@@ -292,13 +294,15 @@ def _one(spec: LoadSpec, job: Job, shared: ssl.SSLContext) -> Outcome:
                         break
     except OSError as exc:
         ended = time.monotonic()
-        return Outcome(job.index, 0, f"{type(exc).__name__}: {exc}"[:120], ended - started, ended,
-                       b"")
+        return Outcome(
+            job.index, 0, f"{type(exc).__name__}: {exc}"[:120], ended - started, ended, b""
+        )
     ended = time.monotonic()
     if spec.mode == "echo":
         ok = data == b"x\n"
-        return Outcome(job.index, 200 if ok else 0, "" if ok else "bad echo", ended - started,
-                       ended, b"")
+        return Outcome(
+            job.index, 200 if ok else 0, "" if ok else "bad echo", ended - started, ended, b""
+        )
     head, _, body = data.partition(b"\r\n\r\n")
     try:
         status = int(head.split(b" ", 2)[1])
@@ -424,8 +428,10 @@ class RssSampler:
             except psutil.Error:
                 continue
             self.samples.append(
-                {"t": round(time.monotonic() - self._started, 1),
-                 "rss_mb": {str(k): round(v, 1) for k, v in rss.items()}}
+                {
+                    "t": round(time.monotonic() - self._started, 1),
+                    "rss_mb": {str(k): round(v, 1) for k, v in rss.items()},
+                }
             )
 
     def __enter__(self) -> RssSampler:
@@ -441,7 +447,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
 
 
 class Deployment:
@@ -476,29 +481,82 @@ class Deployment:
     def configure(self, material: Material) -> None:
         key_type = KEY_TYPES[self.kind]
         self.cli("init")
-        self.cli("ca", "create-root", "root", "--subject", "CN=Bench Root,O=estca benchmark",
-                 "--key-type", key_type)
-        self.cli("ca", "create-intermediate", "issuing", "--parent", "root",
-                 "--subject", "CN=Bench Issuing CA,O=estca benchmark", "--path-length", "0",
-                 "--key-type", key_type)
-        self.cli("template", "create", "devices", "--ca", "issuing",
-                 "--allow-subject", "CN=device-*", "--allow-subject", "O=*",
-                 "--require-subject", "CN", "--key-types", key_type,
-                 "--key-usage", "digitalSignature", "--extended-key-usage", "clientAuth",
-                 "--max-days", "30")
+        self.cli(
+            "ca",
+            "create-root",
+            "root",
+            "--subject",
+            "CN=Bench Root,O=estca benchmark",
+            "--key-type",
+            key_type,
+        )
+        self.cli(
+            "ca",
+            "create-intermediate",
+            "issuing",
+            "--parent",
+            "root",
+            "--subject",
+            "CN=Bench Issuing CA,O=estca benchmark",
+            "--path-length",
+            "0",
+            "--key-type",
+            key_type,
+        )
+        self.cli(
+            "template",
+            "create",
+            "devices",
+            "--ca",
+            "issuing",
+            "--allow-subject",
+            "CN=device-*",
+            "--allow-subject",
+            "O=*",
+            "--require-subject",
+            "CN",
+            "--key-types",
+            key_type,
+            "--key-usage",
+            "digitalSignature",
+            "--extended-key-usage",
+            "clientAuth",
+            "--max-days",
+            "30",
+        )
         passphrase = self.home / "passphrase.txt"
         passphrase.write_text(PASSPHRASE + "\n")
-        self.cli("est", "enable", "devices", "--bootstrap-chain", str(material.bootstrap_chain),
-                 "--passphrase-file", str(passphrase), "--label", LABEL)
+        self.cli(
+            "est",
+            "enable",
+            "devices",
+            "--bootstrap-chain",
+            str(material.bootstrap_chain),
+            "--passphrase-file",
+            str(passphrase),
+            "--label",
+            LABEL,
+        )
 
     def start(self, material: Material) -> None:
         self.port = free_port()
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [*ESTCA, "serve", "--listen", f"127.0.0.1:{self.port}", "--workers",
-             str(self.workers), "--tls-cert", str(material.server_chain),
-             "--tls-key", str(material.server_key)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            [
+                *ESTCA,
+                "serve",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--workers",
+                str(self.workers),
+                "--tls-cert",
+                str(material.server_chain),
+                "--tls-key",
+                str(material.server_key),
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         deadline = time.monotonic() + 60
@@ -679,19 +737,25 @@ def measured(
         cpu = cpu_delta(snapshot["cpu"], cpu_seconds(pid))
     if profiler is not None:
         stop_profiler(profiler)
-    summary = summarise(scenario, deployment.store, options, result, cpu, rss_before,
-                        worker_rss(pid))
+    summary = summarise(
+        scenario, deployment.store, options, result, cpu, rss_before, worker_rss(pid)
+    )
     summary["rss_samples"] = sampler.samples
     summary["profiled"] = profile is not None
     return summary, result
 
 
-def warm_up(deployment: Deployment, material: Material, options: Options, issued: Issued,
-            first: int) -> None:
+def warm_up(
+    deployment: Deployment, material: Material, options: Options, issued: Issued, first: int
+) -> None:
     """Unmeasured enrollments so that every worker has paid its one-time costs."""
     jobs = enroll_jobs(material, range(first, first + options.warmup))
-    result = run_load(http_spec(deployment, material, "simpleenroll"), jobs,
-                      options.concurrency, options.load_processes)
+    result = run_load(
+        http_spec(deployment, material, "simpleenroll"),
+        jobs,
+        options.concurrency,
+        options.load_processes,
+    )
     collect(result, issued)
     failed = [o.error for o in result.outcomes if o.status != 200]
     if failed:
@@ -713,16 +777,23 @@ def run_deployment(
     try:
         deployment.configure(material)
         deployment.start(material)
-        print(f"[{store}/{kind}] estca serve pid {deployment.pid}, port {deployment.port}, "
-              f"{options.workers} worker(s)", flush=True)
+        print(
+            f"[{store}/{kind}] estca serve pid {deployment.pid}, port {deployment.port}, "
+            f"{options.workers} worker(s)",
+            flush=True,
+        )
         warm_up(deployment, material, options, issued, warm_range_start)
         enroll_name = next((s for s in scenarios if ENROLL_SCENARIOS.get(s) == kind), None)
         needs_enroll = enroll_name is not None or "reenroll" in scenarios
         if needs_enroll:
             name = enroll_name or f"{kind}-setup"
             summary, result = measured(
-                name, deployment, http_spec(deployment, material, "simpleenroll"),
-                enroll_jobs(material, measured_range), options, options.profile,
+                name,
+                deployment,
+                http_spec(deployment, material, "simpleenroll"),
+                enroll_jobs(material, measured_range),
+                options,
+                options.profile,
             )
             collect(result, issued)
             if enroll_name is not None:
@@ -730,8 +801,9 @@ def run_deployment(
                 report_line(summary)
         if "cacerts" in scenarios:
             jobs = [Job(i, None, None) for i in measured_range]
-            summary, _ = measured("cacerts", deployment,
-                                  http_spec(deployment, material, "cacerts"), jobs, options)
+            summary, _ = measured(
+                "cacerts", deployment, http_spec(deployment, material, "cacerts"), jobs, options
+            )
             summaries.append(summary)
             report_line(summary)
         if "reenroll" in scenarios:
@@ -779,20 +851,35 @@ def store_check(deployment: Deployment, issued: Issued) -> dict[str, Any]:
 # Ceiling -----------------------------------------------------------------------------------------
 
 
-def measure_s_server(material: Material, client_certificates: bool, options: Options,
-                     work: Path) -> dict[str, Any]:
+def measure_s_server(
+    material: Material, client_certificates: bool, options: Options, work: Path
+) -> dict[str, Any]:
     """Full handshakes against `openssl s_server` with the same server key and certificate."""
     port = free_port()
     command = [
-        "openssl", "s_server", "-accept", f"127.0.0.1:{port}",
-        "-cert", str(material.server_leaf), "-cert_chain", str(material.server_ca),
-        "-key", str(material.server_key), "-rev", "-quiet", "-no_ticket", "-num_tickets", "0",
-        "-CAfile", str(material.bootstrap_chain), "-partial_chain",
+        "openssl",
+        "s_server",
+        "-accept",
+        f"127.0.0.1:{port}",
+        "-cert",
+        str(material.server_leaf),
+        "-cert_chain",
+        str(material.server_ca),
+        "-key",
+        str(material.server_key),
+        "-rev",
+        "-quiet",
+        "-no_ticket",
+        "-num_tickets",
+        "0",
+        "-CAfile",
+        str(material.bootstrap_chain),
+        "-partial_chain",
     ]
-    command += ["-Verify", "2", "-verify_return_error"] if client_certificates else ["-verify",
-                                                                                     "1"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                              stderr=(work / f"s_server-{port}.log").open("wb"))
+    command += ["-Verify", "2", "-verify_return_error"] if client_certificates else ["-verify", "1"]
+    server = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=(work / f"s_server-{port}.log").open("wb")
+    )
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -811,8 +898,13 @@ def measure_s_server(material: Material, client_certificates: bool, options: Opt
         ]
         spec = LoadSpec(port=port, mode="echo", server_ca_pem=material.server_ca.read_text())
         snapshot: dict[str, dict[int, float]] = {}
-        result = run_load(spec, jobs, options.concurrency, options.load_processes,
-                          lambda: snapshot.update(cpu=cpu_seconds(server.pid)))
+        result = run_load(
+            spec,
+            jobs,
+            options.concurrency,
+            options.load_processes,
+            lambda: snapshot.update(cpu=cpu_seconds(server.pid)),
+        )
         cpu = cpu_delta(snapshot["cpu"], cpu_seconds(server.pid))
     finally:
         server.terminate()
@@ -853,8 +945,9 @@ def measure_verify_sign(material: Material, iterations: int) -> dict[str, Any]:
             .not_valid_after(now + datetime.timedelta(days=30))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_public),
-                           critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_public), critical=False
+            )
             .add_extension(usage, critical=True)
             .add_extension(eku, critical=False)
             .sign(issuer_key, hashes.SHA256())
@@ -888,9 +981,22 @@ def start_profiler(pid: int, output: Path) -> subprocess.Popen[bytes]:
         raise RuntimeError("--profile needs py-spy (pip install py-spy)")
     output.parent.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        [py_spy, "record", "--pid", str(pid), "--subprocesses", "--native",
-         "--rate", "100", "--format", "raw", "--output", str(output)],
-        stdout=subprocess.DEVNULL, stderr=(output.with_suffix(".log")).open("wb"),
+        [
+            py_spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--subprocesses",
+            "--native",
+            "--rate",
+            "100",
+            "--format",
+            "raw",
+            "--output",
+            str(output),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(output.with_suffix(".log")).open("wb"),
     )
     time.sleep(2.0)
     return process
@@ -907,8 +1013,16 @@ def stop_profiler(process: subprocess.Popen[bytes]) -> None:
 
 #: Frames that mean a thread is waiting, not using CPU (py-spy --native keeps such samples).
 IDLE_FRAMES = (
-    "PyThread_acquire_lock_timed", "take_gil", "epoll_pwait", "epoll_wait", "clock_nanosleep",
-    "pthread_cond_wait", "pthread_cond_timedwait", "sem_wait", "sem_timedwait", "poll (libc",
+    "PyThread_acquire_lock_timed",
+    "take_gil",
+    "epoll_pwait",
+    "epoll_wait",
+    "clock_nanosleep",
+    "pthread_cond_wait",
+    "pthread_cond_timedwait",
+    "sem_wait",
+    "sem_timedwait",
+    "poll (libc",
     "select (libc",
 )
 #: Where server CPU goes, by the first matching frame text (most specific first).
@@ -922,12 +1036,25 @@ CATEGORIES = (
     ("issuance pipeline, other", ("authority/issuance.py", "authority/policy.py")),
     ("logging (access, audit)", ("logging/__init__.py", "audit.py")),
     ("TLS handshake", ("do_handshake", "SSL_do_handshake")),
-    ("TLS record I/O + shutdown", ("SSLObject.read", "SSLObject.write", "SSLSocket_read",
-                                   "SSLSocket_write", "unwrap", "SSLSocket_shutdown")),
-    ("socket read/write syscalls (loopback TCP)", ("UVStream__try_write", "uv__read",
-                                                   "uv__stream_close", "uv__io_uring")),
-    ("thread hops (executor, futures)", ("concurrent/futures", "run_in_executor",
-                                         "call_soon_threadsafe", "_queue_SimpleQueue")),
+    (
+        "TLS record I/O + shutdown",
+        (
+            "SSLObject.read",
+            "SSLObject.write",
+            "SSLSocket_read",
+            "SSLSocket_write",
+            "unwrap",
+            "SSLSocket_shutdown",
+        ),
+    ),
+    (
+        "socket read/write syscalls (loopback TCP)",
+        ("UVStream__try_write", "uv__read", "uv__stream_close", "uv__io_uring"),
+    ),
+    (
+        "thread hops (executor, futures)",
+        ("concurrent/futures", "run_in_executor", "call_soon_threadsafe", "_queue_SimpleQueue"),
+    ),
     ("aiohttp (HTTP parse, routing, response)", ("aiohttp/",)),
     ("estca EST handler, other", ("estca/est/",)),
     ("garbage collector", ("gc_collect",)),
@@ -996,8 +1123,11 @@ def machine() -> dict[str, Any]:
             model = line.split(":", 1)[1].strip()
             break
     openssl = subprocess.run(["openssl", "version"], capture_output=True, text=True).stdout
-    commit = subprocess.run(["git", "-C", str(REPOSITORY), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", str(REPOSITORY), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     import cryptography
 
     return {
@@ -1013,8 +1143,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def targets(scenarios: list[dict[str, Any]], ceilings: dict[str, Any],
-            options: Options) -> list[dict[str, Any]]:
+def targets(
+    scenarios: list[dict[str, Any]], ceilings: dict[str, Any], options: Options
+) -> list[dict[str, Any]]:
     """The issue's targets, judged from this run's figures only."""
     verdicts: list[dict[str, Any]] = []
 
@@ -1031,27 +1162,33 @@ def targets(scenarios: list[dict[str, Any]], ceilings: dict[str, Any],
                 add(f"P-256 CPU <= 2x ceiling ({s['store']})", ratio <= 2.0, f"{ratio:.2f}x")
             p99 = s["latency_ms"]["p99"]
             at16 = options.concurrency == 16
-            add(f"p99 < 30 ms at 16 clients, no errors ({s['store']})",
+            add(
+                f"p99 < 30 ms at 16 clients, no errors ({s['store']})",
                 (p99 < 30 and s["errors"] == 0) if at16 else None,
-                f"p99 {p99:.1f} ms, {s['errors']} errors, {options.concurrency} clients")
+                f"p99 {p99:.1f} ms, {s['errors']} errors, {options.concurrency} clients",
+            )
         if s["scenario"] == "cacerts" and "handshake_ratio" in s:
             ratio = s["handshake_ratio"]
-            add(f"cacerts CPU <= 1.3x bare handshake ({s['store']})", ratio <= 1.3,
-                f"{ratio:.2f}x")
+            add(f"cacerts CPU <= 1.3x bare handshake ({s['store']})", ratio <= 1.3, f"{ratio:.2f}x")
         if s["scenario"] in ENROLL_SCENARIOS or s["scenario"] == "reenroll":
             worst = max(s["rss_mb_after"].values())
             enough = s["requests"] >= 20000
-            add(f"RSS < 150 MB per worker after 20,000 ({s['scenario']}, {s['store']})",
+            add(
+                f"RSS < 150 MB per worker after 20,000 ({s['scenario']}, {s['store']})",
                 worst < 150 if enough else None,
-                f"max {worst:.0f} MB after {s['requests']} (+ earlier) requests")
+                f"max {worst:.0f} MB after {s['requests']} (+ earlier) requests",
+            )
     sqlite = [s for s in scenarios if s["scenario"] == "p256" and s["store"] == "sqlite"]
     postgres = [s for s in scenarios if s["scenario"] == "p256" and s["store"] == "postgresql"]
     if sqlite and postgres:
         a, b = sqlite[0], postgres[0]
         cpu = b["server_cpu_ms_per_request"] / a["server_cpu_ms_per_request"]
         rate = b["per_second"] / a["per_second"]
-        add("PostgreSQL within 20% of SQLite (P-256)", abs(cpu - 1) <= 0.2 and rate >= 0.8,
-            f"CPU {cpu:.2f}x, throughput {rate:.2f}x of SQLite")
+        add(
+            "PostgreSQL within 20% of SQLite (P-256)",
+            abs(cpu - 1) <= 0.2 and rate >= 0.8,
+            f"CPU {cpu:.2f}x, throughput {rate:.2f}x of SQLite",
+        )
     return verdicts
 
 
@@ -1060,19 +1197,35 @@ def parse_arguments(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--enrollments", type=int, default=2000, help="requests per scenario")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients, total")
     parser.add_argument("--workers", type=int, default=2, help="estca serve --workers")
-    parser.add_argument("--scenarios", default=",".join(ALL_SCENARIOS),
-                        help=f"comma-separated, of {', '.join(ALL_SCENARIOS)}")
-    parser.add_argument("--store", default="sqlite",
-                        help="sqlite, postgresql, or both comma-separated")
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(ALL_SCENARIOS),
+        help=f"comma-separated, of {', '.join(ALL_SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--store", default="sqlite", help="sqlite, postgresql, or both comma-separated"
+    )
     parser.add_argument("--load-processes", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="unmeasured enrollments first (default 10 per worker)")
-    parser.add_argument("--handshakes", type=int, default=None,
-                        help="handshakes against openssl s_server (default min(N, 2000))")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="unmeasured enrollments first (default 10 per worker)",
+    )
+    parser.add_argument(
+        "--handshakes",
+        type=int,
+        default=None,
+        help="handshakes against openssl s_server (default min(N, 2000))",
+    )
     parser.add_argument("--sign-iterations", type=int, default=None)
-    parser.add_argument("--profile", type=Path, default=None,
-                        help="py-spy raw profile of the server during the first enrollment "
-                             "scenario (its figures are then not comparable)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="py-spy raw profile of the server during the first enrollment "
+        "scenario (its figures are then not comparable)",
+    )
     parser.add_argument("--quick", action="store_true", help="a small smoke run (N=200)")
     args = parser.parse_args(argv)
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -1111,8 +1264,11 @@ def kinds_for(scenarios: list[str]) -> Iterator[tuple[str, list[str]]]:
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_arguments(argv)
     info = machine()
-    print(f"machine: {info['nproc']} CPUs, {info['cpu_model']}, Python {info['python']}, "
-          f"{info['python_ssl']}", flush=True)
+    print(
+        f"machine: {info['nproc']} CPUs, {info['cpu_model']}, Python {info['python']}, "
+        f"{info['python_ssl']}",
+        flush=True,
+    )
     work = Path(tempfile.mkdtemp(prefix="estca-bench-"))
     scenarios: list[dict[str, Any]] = []
     checks: dict[str, Any] = {}
@@ -1132,20 +1288,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             sign = measure_verify_sign(material, options.sign_iterations)
             entry: dict[str, Any] = {"handshake_client_cert": with_cert, "verify_sign": sign}
             if kind == "p256" and "cacerts" in options.scenarios:
-                entry["handshake_no_client_cert"] = measure_s_server(material, False, options,
-                                                                     work)
+                entry["handshake_no_client_cert"] = measure_s_server(material, False, options, work)
             entry["ceiling_ms"] = round(
                 with_cert["server_cpu_ms_per_handshake"] + sign["verify_and_sign_ms"], 4
             )
             ceilings[kind] = entry
             bare = entry.get("handshake_no_client_cert", {}).get("server_cpu_ms_per_handshake")
-            print(f"  {kind}: s_server handshake with client cert "
-                  f"{with_cert['server_cpu_ms_per_handshake']:.3f} ms "
-                  f"({with_cert['errors']} errors), CSR verify + sign "
-                  f"{sign['verify_and_sign_ms']:.3f} ms (verify alone {sign['verify_ms']:.3f}), "
-                  f"ceiling {entry['ceiling_ms']:.3f} ms"
-                  + (f"; handshake without client cert {bare:.3f} ms" if bare else ""),
-                  flush=True)
+            print(
+                f"  {kind}: s_server handshake with client cert "
+                f"{with_cert['server_cpu_ms_per_handshake']:.3f} ms "
+                f"({with_cert['errors']} errors), CSR verify + sign "
+                f"{sign['verify_and_sign_ms']:.3f} ms (verify alone {sign['verify_ms']:.3f}), "
+                f"ceiling {entry['ceiling_ms']:.3f} ms"
+                + (f"; handshake without client cert {bare:.3f} ms" if bare else ""),
+                flush=True,
+            )
         for s in scenarios:
             kind = "rsa2048" if s["scenario"] == "rsa2048" else "p256"
             entry = ceilings[kind]
@@ -1159,17 +1316,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     print("\nresults:")
-    print(f"  {'scenario':<9} {'store':<10} {'req/s':>8} {'p50':>6} {'p95':>6} {'p99':>6} "
-          f"{'err':>4} {'CPU ms':>7} {'x ceil':>7}  RSS MB before -> after")
+    print(
+        f"  {'scenario':<9} {'store':<10} {'req/s':>8} {'p50':>6} {'p95':>6} {'p99':>6} "
+        f"{'err':>4} {'CPU ms':>7} {'x ceil':>7}  RSS MB before -> after"
+    )
     for s in scenarios:
         ratio = s.get("ceiling_ratio", s.get("handshake_ratio"))
         latency = s["latency_ms"]
         before = "/".join(f"{v:.0f}" for v in s["rss_mb_before"].values())
         after = "/".join(f"{v:.0f}" for v in s["rss_mb_after"].values())
-        print(f"  {s['scenario']:<9} {s['store']:<10} {s['per_second']:>8.1f} "
-              f"{latency['p50']:>6.1f} {latency['p95']:>6.1f} {latency['p99']:>6.1f} "
-              f"{s['errors']:>4} {s['server_cpu_ms_per_request']:>7.3f} "
-              f"{ratio if ratio is not None else float('nan'):>6.2f}x  {before} -> {after}")
+        print(
+            f"  {s['scenario']:<9} {s['store']:<10} {s['per_second']:>8.1f} "
+            f"{latency['p50']:>6.1f} {latency['p95']:>6.1f} {latency['p99']:>6.1f} "
+            f"{s['errors']:>4} {s['server_cpu_ms_per_request']:>7.3f} "
+            f"{ratio if ratio is not None else float('nan'):>6.2f}x  {before} -> {after}"
+        )
     verdicts = targets(scenarios, ceilings, options)
     print("\ntargets:")
     for v in verdicts:
@@ -1181,8 +1342,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv_profile := parse_arguments(argv).profile:
         if argv_profile.exists():
             profile_data = profile_summary(argv_profile)
-            print(f"\nprofile ({profile_data['busy_samples']} busy samples, "
-                  f"{profile_data['idle_samples']} idle left out, {argv_profile}):")
+            print(
+                f"\nprofile ({profile_data['busy_samples']} busy samples, "
+                f"{profile_data['idle_samples']} idle left out, {argv_profile}):"
+            )
             print("  busy samples by category, %:")
             for frame, pct in profile_data["categories_pct"]:
                 print(f"    {pct:5.1f}  {frame}")
@@ -1195,18 +1358,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     output = RESULTS / f"enroll-{stamp}.json"
-    output.write_text(json.dumps({
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else
-                                                      sys.argv[1:])]),
-        "machine": info,
-        "options": {k: str(v) if isinstance(v, Path) else v
-                    for k, v in vars(options).items()},
-        "scenarios": scenarios,
-        "ceilings": ceilings,
-        "store_checks": checks,
-        "targets": verdicts,
-        "profile": profile_data,
-    }, indent=2))
+    output.write_text(
+        json.dumps(
+            {
+                "command": " ".join(
+                    [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
+                ),
+                "machine": info,
+                "options": {
+                    k: str(v) if isinstance(v, Path) else v for k, v in vars(options).items()
+                },
+                "scenarios": scenarios,
+                "ceilings": ceilings,
+                "store_checks": checks,
+                "targets": verdicts,
+                "profile": profile_data,
+            },
+            indent=2,
+        )
+    )
     print(f"\nwrote {output.relative_to(REPOSITORY)}")
     failed = any(not c["ok"] for c in checks.values())
     return 1 if failed else 0

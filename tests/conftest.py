@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,8 +64,20 @@ class Manufacturer:
     intermediate: Issued
     directory: Path
 
-    def device(self, stem: str, common_name: str, **kwargs: object) -> tuple[Path, Path]:
-        issued = make_certificate(name(common_name), self.intermediate, ca=False, **kwargs)  # type: ignore[arg-type]
+    def device(
+        self,
+        stem: str,
+        common_name: str,
+        not_before: datetime.datetime | None = None,
+        not_after: datetime.datetime | None = None,
+    ) -> tuple[Path, Path]:
+        issued = make_certificate(
+            name(common_name),
+            self.intermediate,
+            ca=False,
+            not_before=not_before,
+            not_after=not_after,
+        )
         return issued.write(self.directory, stem)
 
     def chain_file(self, stem: str, leaf: tuple[Path, Path]) -> Path:

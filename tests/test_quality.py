@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CODE = [folder for folder in CODE if (ROOT / folder).is_dir()]
+CODE = [folder for folder in ("src", "tests", "benchmarks") if (ROOT / folder).is_dir()]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -488,3 +488,40 @@ def test_no_bootstrap_validation_enrolls_on_passphrase_alone_but_not_without_it(
     assert enrolled.status == 200, enrolled.body
     assert enrolled.certificates()[0].subject == name("kiosk-1")
     assert refused.status == 401
+
+
+def test_enroll_refuses_revoked_estca_certificate_when_bootstrap_chain_is_an_estca_ca(
+    deployment: Deployment,
+) -> None:
+    run = deployment.installation.run
+    run("template", "create", "second-life", "--ca", "issuing", "--allow-subject", "CN=*")
+    issuing_chain = deployment.work / "issuing-chain.pem"
+    issuing_chain.write_text(run("ca", "chain", "issuing").stdout)
+    mark = deployment.server.log_mark()
+    run(
+        "est",
+        "enable",
+        "second-life",
+        "--bootstrap-chain",
+        str(issuing_chain),
+        "--passphrase-file",
+        str(deployment.work / "passphrase.txt"),
+        "--label",
+        "second-life",
+    )
+    deployment.server.wait_for_log(mark, "labels: .*second-life")
+    current = enroll_with_openssl_key(deployment, "second", "/CN=device-second")
+    der, _ = make_csr(name("device-second"))
+
+    before = deployment.server.curl(
+        "second-life", "simpleenroll", body=der, cert=current, password=deployment.passphrase
+    )
+    certificate = x509.load_pem_x509_certificate(current[0].read_bytes())
+    run("cert", "revoke", format(certificate.serial_number, "x"))
+    after = deployment.server.curl(
+        "second-life", "simpleenroll", body=der, cert=current, password=deployment.passphrase
+    )
+
+    assert before.status == 200, before.body
+    assert after.status == 403
+    assert after.body == b"The client certificate has been revoked.\n"

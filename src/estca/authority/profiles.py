@@ -31,3 +31,6 @@ class EnrollmentProfile:
     issued_validator: ChainValidator
     passphrase_hash: str
     bootstrap_validation: bool
+    #: SHA-256 fingerprints of bootstrap certificates that are estca's own CAs, to their ids:
+    #: a device enrolling with a certificate one of them issued must not be revoked.
+    estca_bootstrap_cas: dict[bytes, int]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -256,6 +256,10 @@ class Authority:
         """Every enabled EST label with all it needs, CA keys unlocked (for the server)."""
         profiles: dict[str, EnrollmentProfile] = {}
         with self.database.session() as session:
+            own_cas = {
+                ca.certificate.fingerprint(hashes.SHA256()): ca.id
+                for ca in self.hierarchy.list_all(include_server=True)
+            }
             rows = session.execute(
                 select(EstEnrollmentRow, TemplateRow).join(
                     TemplateRow, TemplateRow.id == EstEnrollmentRow.template_id
@@ -280,6 +284,11 @@ class Authority:
                     issued_validator=ChainValidator(ca_chain),
                     passphrase_hash=enrollment.passphrase_hash,
                     bootstrap_validation=enrollment.bootstrap_validation,
+                    estca_bootstrap_cas={
+                        fingerprint: own_cas[fingerprint]
+                        for fingerprint in (c.fingerprint(hashes.SHA256()) for c in bootstrap)
+                        if fingerprint in own_cas
+                    },
                 )
         return profiles
 

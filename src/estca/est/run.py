@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import logging.handlers
 import os
+import queue
 import signal
 import socket
 import sys
@@ -94,7 +96,8 @@ def _run_workers(
             code = 0
             try:
                 _run_worker(settings, options, identity, reuse_port=True)
-            except BaseException:  # noqa: BLE001 - a worker must never return into the parent's code
+            # A worker must never return into the parent's code, whatever it raised.
+            except BaseException:  # noqa: BLE001
                 logger.exception("worker failed")
                 code = 1
             finally:
@@ -122,13 +125,41 @@ def _run_workers(
 def _run_worker(
     settings: Settings, options: ServeOptions, identity: ServerIdentity, reuse_port: bool
 ) -> None:
+    listener = _log_off_the_event_loop()
     coroutine = _serve_async(settings, options, identity, reuse_port)
     try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coroutine)
-    else:
-        uvloop.run(coroutine)
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(coroutine)
+        else:
+            uvloop.run(coroutine)
+    finally:
+        if listener is not None:
+            listener.stop()
+
+
+class _UnformattedQueueHandler(logging.handlers.QueueHandler):
+    """Queues records as they are; the listener's thread formats them (estca's log arguments
+    are strings and numbers, never objects that change after the call)."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
+def _log_off_the_event_loop() -> logging.handlers.QueueListener | None:
+    """Format and write log lines in a thread of their own; the event loop only queues them."""
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    if not handlers:
+        return None
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    for handler in handlers:
+        root.removeHandler(handler)
+    root.addHandler(_UnformattedQueueHandler(records))
+    listener = logging.handlers.QueueListener(records, *handlers, respect_handler_level=True)
+    listener.start()
+    return listener
 
 
 async def _serve_async(
@@ -136,7 +167,7 @@ async def _serve_async(
 ) -> None:
     authority = open_authority(settings)
     server = EstServer(authority, identity, settings.refresh_seconds)
-    runner = web.AppRunner(server.application(), access_log=None, handle_signals=False)
+    runner = web.ServerRunner(server.http_server(), handle_signals=False)
     await runner.setup()
     site = web.TCPSite(
         runner,
@@ -162,4 +193,5 @@ async def _serve_async(
     await stop.wait()
     refresher.cancel()
     await runner.cleanup()
+    authority.issuer.recorder.close()
     authority.database.dispose()

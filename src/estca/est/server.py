@@ -15,10 +15,11 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
@@ -47,6 +48,9 @@ from estca.pki.pkcs7 import CERTS_ONLY_MEDIA_TYPE, base64_lines, certs_only_der
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("estca.access")
+
+EST_PREFIX = "/.well-known/est/"
+SERVER_HEADER = "estca"
 
 #: Seconds a client has to deliver a request body once its headers are in.
 BODY_TIMEOUT_SECONDS = 30.0
@@ -126,34 +130,25 @@ class EstServer:
             except Exception:
                 logger.exception("refreshing enrollment settings failed; keeping the old ones")
 
-    def application(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY_BYTES)
-        app.router.add_route("*", "/.well-known/est/{label}/{operation}", self._dispatch)
-        return app
+    def http_server(self) -> EstHttpServer:
+        """The aiohttp low-level server: one handler, no router, estca's own error answers."""
+        return EstHttpServer(self._handle)
 
     # Requests ------------------------------------------------------------------------------
 
-    @web.middleware
-    async def _middleware(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Every request: route, answer or render the error, one access-log line."""
         started = time.perf_counter()
         request_id = f"{self._request_prefix}-{next(self._request_ids)}"
-        request["request_id"] = request_id
-        label = request.match_info.get("label", "-")
-        operation = request.match_info.get("operation", "-")
+        label, operation = _route(request.path)
         try:
-            response = await handler(request)
+            response = await self._dispatch(request, label, operation)
         except EstcaError as error:
             response = self._render_error(request, error, label, operation)
-        except web.HTTPException as http_error:
-            response = self._render_error(
-                request, _from_http_exception(http_error), label, operation
-            )
         except Exception:
             logger.exception("request %s failed", request_id)
             response = _text_response(500, f"Internal error (request {request_id}).")
-        response.headers["Server"] = "estca"
+        response.headers["Server"] = SERVER_HEADER
         access_logger.info(
             "request_id=%s peer=%s client=%s method=%s path=%s label=%s operation=%s "
             "status=%d duration_ms=%.1f",
@@ -170,7 +165,7 @@ class EstServer:
         return response
 
     def _render_error(
-        self, request: web.Request, error: EstcaError, label: str, operation: str
+        self, request: web.BaseRequest, error: EstcaError, label: str, operation: str
     ) -> web.Response:
         if error.status != 404 or label in self.state.profiles:
             audit_refused(
@@ -193,9 +188,11 @@ class EstServer:
             response.headers["Allow"] = "GET" if operation == "cacerts" else "POST"
         return response
 
-    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        label = request.match_info["label"]
-        operation = request.match_info["operation"]
+    async def _dispatch(
+        self, request: web.BaseRequest, label: str, operation: str
+    ) -> web.StreamResponse:
+        if not operation:
+            raise NotFoundError(f"no EST route for {request.path[:200]!r}", "Not found.")
         profile = self.state.profiles.get(label)
         if profile is None:
             raise NotFoundError(f"unknown EST label {label!r}", "Unknown EST label.")
@@ -214,34 +211,34 @@ class EstServer:
         return await self._enroll(request, profile, operation)
 
     async def _enroll(
-        self, request: web.Request, profile: EnrollmentProfile, operation: str
+        self, request: web.BaseRequest, profile: EnrollmentProfile, operation: str
     ) -> web.Response:
         # Step 1: authenticate the client before anything in the body is read.
         passphrase = _basic_password(request)
-        certificate = self._authenticate_certificate(request, profile, operation)
+        certificate = await self._authenticate_certificate(request, profile, operation)
         await self._check_passphrase(profile, passphrase)
 
-        # Steps 2 to 10 run in the authority, off the event loop.
+        # Steps 2 to 10 run in the authority.
         check_pkcs10_media_type(request.headers.get("Content-Type"))
         csr_der = decode_csr_body(await _read_body(request))
         client = ClientIdentity(certificate=certificate, peer=_peer(request))
-        issue = (
-            self.authority.issuer.enroll
-            if operation == "simpleenroll"
-            else self.authority.issuer.reenroll
-        )
-        issued = await _off_loop(issue, profile, csr_der, client)
+        issuer = self.authority.issuer
+        if operation == "simpleenroll":
+            issued = await issuer.enroll(profile, csr_der, client)
+        else:
+            issued = await issuer.reenroll(profile, csr_der, client)
         return _pkcs7_response(base64_lines(certs_only_der([issued])))
 
-    def _authenticate_certificate(
-        self, request: web.Request, profile: EnrollmentProfile, operation: str
+    async def _authenticate_certificate(
+        self, request: web.BaseRequest, profile: EnrollmentProfile, operation: str
     ) -> x509.Certificate | None:
         certificate = _client_certificate(request)
         if certificate is not None:
             request["client_subject"] = format_name(certificate.subject)
         now = utc_now()
         if operation == "simplereenroll":
-            # RFC 7030 4.2.2: the client authenticates with the certificate being renewed.
+            # RFC 7030 4.2.2: the client authenticates with the certificate being renewed; the
+            # authority checks it is on record and not revoked.
             if certificate is None:
                 raise ClientCertificateError(
                     "simplereenroll without a client certificate",
@@ -253,7 +250,14 @@ class EstServer:
             return certificate
         if certificate is None:
             raise ClientCertificateError("simpleenroll without a client certificate")
-        profile.bootstrap_validator.validate(certificate, now)
+        chain = profile.bootstrap_validator.validate(certificate, now)
+        # A bootstrap chain may name one of estca's own CAs; what it issued may be revoked.
+        issuer = chain[1] if len(chain) > 1 else chain[0]
+        issuer_id = profile.estca_bootstrap_cas.get(issuer.fingerprint(hashes.SHA256()))
+        if issuer_id is not None:
+            await self.authority.issuer.check_issued_and_not_revoked(
+                issuer_id, format_name(issuer.subject), certificate
+            )
         return certificate
 
     async def _check_passphrase(self, profile: EnrollmentProfile, passphrase: bytes) -> None:
@@ -270,12 +274,12 @@ async def _off_loop(function: Callable[..., T], *args: Any) -> T:
     return await loop.run_in_executor(None, functools.partial(function, *args))
 
 
-def _require_method(request: web.Request, method: str) -> None:
+def _require_method(request: web.BaseRequest, method: str) -> None:
     if request.method != method:
         raise MethodNotAllowedError(f"{request.method} is not allowed here")
 
 
-def _basic_password(request: web.Request) -> bytes:
+def _basic_password(request: web.BaseRequest) -> bytes:
     """The HTTP Basic password: everything after the first colon (RFC 7617 2).
 
     Raises:
@@ -305,7 +309,7 @@ def _basic_password(request: web.Request) -> bytes:
     return password
 
 
-def _client_certificate(request: web.Request) -> x509.Certificate | None:
+def _client_certificate(request: web.BaseRequest) -> x509.Certificate | None:
     transport = request.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
     if ssl_object is None:
@@ -319,7 +323,7 @@ def _client_certificate(request: web.Request) -> x509.Certificate | None:
         raise ClientCertificateError(f"unreadable client certificate: {exc}") from None
 
 
-async def _read_body(request: web.Request) -> bytes:
+async def _read_body(request: web.BaseRequest) -> bytes:
     """The body, refused past MAX_BODY_BYTES without reading the rest (chunked or not).
 
     Raises:
@@ -362,20 +366,58 @@ def _text_response(status: int, sentence: str) -> web.Response:
     return response
 
 
-def _from_http_exception(error: web.HTTPException) -> EstcaError:
-    mapping: dict[int, EstcaError] = {
-        404: NotFoundError(f"no route for the path ({error.reason})", "Not found."),
-        405: MethodNotAllowedError(f"method not allowed ({error.reason})"),
-        413: PayloadTooLargeError(f"body too large ({error.reason})"),
-    }
-    if error.status in mapping:
-        return mapping[error.status]
-    generic = BadRequestError(f"HTTP error {error.status}: {error.reason}")
-    generic.status = error.status if 400 <= error.status < 500 else 400
-    return generic
+def _route(path: str) -> tuple[str, str]:
+    """``/.well-known/est/LABEL/OPERATION`` split into its two names; ("-", "") otherwise."""
+    if not path.startswith(EST_PREFIX):
+        return "-", ""
+    label, slash, operation = path[len(EST_PREFIX) :].partition("/")
+    if not label or not slash or not operation or "/" in operation:
+        return "-", ""
+    return label, operation
 
 
-def _peer(request: web.Request) -> str:
+class EstRequestHandler(RequestHandler):
+    """aiohttp's connection handler, with estca's answer to HTTP it cannot parse.
+
+    aiohttp answers a malformed request line, header or length itself, before any handler
+    runs; its answer echoes the request and its log holds a traceback. Here the answer is one
+    plain sentence and the log one line.
+    """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            # Not a parsing failure: a bug, reported with its traceback.
+            logger.error("unhandled error from %s", _peer(request), exc_info=exc)
+            sentence = "Internal error."
+        else:
+            reason = type(exc).__name__ if exc is not None else "malformed request"
+            logger.warning(
+                "refused malformed HTTP from %s: status=%d reason=%s",
+                _peer(request),
+                status,
+                reason,
+            )
+            sentence = "Malformed HTTP request."
+        response = _text_response(status, sentence)
+        response.headers["Server"] = SERVER_HEADER
+        response.force_close()
+        return response
+
+
+class EstHttpServer(web.Server):
+    """The low-level aiohttp server, making `EstRequestHandler` connections."""
+
+    def __call__(self) -> RequestHandler:
+        return EstRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+def _peer(request: web.BaseRequest) -> str:
     return str(request.remote or "-")
 
 
