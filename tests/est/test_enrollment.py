@@ -6,6 +6,7 @@ import datetime
 import hashlib
 import json
 import subprocess
+import time
 from pathlib import Path
 
 from cryptography import x509
@@ -525,3 +526,30 @@ def test_enroll_refuses_revoked_estca_certificate_when_bootstrap_chain_is_an_est
     assert before.status == 200, before.body
     assert after.status == 403
     assert after.body == b"The client certificate has been revoked.\n"
+
+
+def test_passphrase_guessing_is_slowed_after_a_few_failures(deployment: Deployment) -> None:
+    der, _ = make_csr(name("device-guess"))
+    durations = []
+    for attempt in range(7):
+        started = time.monotonic()
+        response = deployment.server.curl(
+            "devices",
+            "simpleenroll",
+            body=der,
+            cert=deployment.bootstrap,
+            password=f"guess-number-{attempt}",
+        )
+        durations.append(time.monotonic() - started)
+        assert response.status == 401
+
+    # The last attempts each waited out the throttle's pause; the right passphrase still works.
+    assert min(durations[-2:]) >= 1.0, durations
+    good = deployment.server.curl(
+        "devices",
+        "simpleenroll",
+        body=der,
+        cert=deployment.bootstrap,
+        password=deployment.passphrase,
+    )
+    assert good.status == 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import re
 import threading
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -240,8 +242,6 @@ class Hierarchy:
         self, hostnames: list[str], addresses: list[str]
     ) -> tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes, x509.Certificate]:
         """A fresh TLS certificate for this server process, its key, and the server CA."""
-        import ipaddress
-
         server_ca = self.get(SERVER_CA_NAME)
         ca_key = self.private_key(server_ca)
         key = generate_private_key("ec-p256")
@@ -252,8 +252,6 @@ class Hierarchy:
             not_before + datetime.timedelta(days=SERVER_CERTIFICATE_DAYS),
             server_ca.certificate.not_valid_after_utc,
         )
-        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])]))

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import functools
 import itertools
 import logging
 import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -52,6 +53,12 @@ access_logger = logging.getLogger("estca.access")
 EST_PREFIX = "/.well-known/est/"
 SERVER_HEADER = "estca"
 
+#: Failed passphrases a peer may make in the window before its attempts are slowed.
+THROTTLE_FREE_FAILURES = 5
+THROTTLE_WINDOW_SECONDS = 60.0
+THROTTLE_DELAY_SECONDS = 1.0
+THROTTLE_MAX_PEERS = 100_000
+
 #: Seconds a client has to deliver a request body once its headers are in.
 BODY_TIMEOUT_SECONDS = 30.0
 REALM = "estca"
@@ -80,6 +87,44 @@ class EstState:
         return list(seen.values())
 
 
+class FailureThrottle:
+    """Slows passphrase guessing from one peer once it has failed a few times recently.
+
+    Below the threshold nothing waits. Past it, that peer's attempts run one at a time, each
+    after a pause, so parallel connections do not multiply its guessing rate.
+    """
+
+    def __init__(self) -> None:
+        self._failures: dict[str, list[float]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _recent(self, peer: str) -> int:
+        now = time.monotonic()
+        times = [t for t in self._failures.get(peer, []) if now - t < THROTTLE_WINDOW_SECONDS]
+        if times:
+            self._failures[peer] = times
+        else:
+            self._failures.pop(peer, None)
+            self._locks.pop(peer, None)
+        return len(times)
+
+    @contextlib.asynccontextmanager
+    async def attempt(self, peer: str) -> AsyncIterator[None]:
+        if self._recent(peer) < THROTTLE_FREE_FAILURES:
+            yield
+            return
+        lock = self._locks.setdefault(peer, asyncio.Lock())
+        async with lock:
+            await asyncio.sleep(THROTTLE_DELAY_SECONDS)
+            yield
+
+    def failed(self, peer: str) -> None:
+        if len(self._failures) > THROTTLE_MAX_PEERS:
+            self._failures.clear()
+            self._locks.clear()
+        self._failures.setdefault(peer, []).append(time.monotonic())
+
+
 class EstServer:
     """One server process: its TLS identity, current state, and the refresh loop."""
 
@@ -90,6 +135,7 @@ class EstServer:
         self.identity = identity
         self.refresh_seconds = refresh_seconds
         self.passphrases = PassphraseChecker()
+        self.throttle = FailureThrottle()
         self.generation = authority.database.generation()
         self.state = EstState(authority.load_profiles())
         self._context = build_server_context(identity, self.state.trusted_certificates())
@@ -216,7 +262,7 @@ class EstServer:
         # Step 1: authenticate the client before anything in the body is read.
         passphrase = _basic_password(request)
         certificate = await self._authenticate_certificate(request, profile, operation)
-        await self._check_passphrase(profile, passphrase)
+        await self._check_passphrase(request, profile, passphrase)
 
         # Steps 2 to 10 run in the authority.
         check_pkcs10_media_type(request.headers.get("Content-Type"))
@@ -260,12 +306,19 @@ class EstServer:
             )
         return certificate
 
-    async def _check_passphrase(self, profile: EnrollmentProfile, passphrase: bytes) -> None:
+    async def _check_passphrase(
+        self, request: web.BaseRequest, profile: EnrollmentProfile, passphrase: bytes
+    ) -> None:
         checker = self.passphrases
         if checker.is_remembered(passphrase, profile.passphrase_hash):
             return
-        if not await _off_loop(checker.check, passphrase, profile.passphrase_hash):
-            raise AuthenticationFailedError(f"wrong passphrase for label {profile.label!r}")
+        # Guesses are throttled per peer: past a few failures, one attempt at a time, slowly.
+        peer = _peer(request)
+        async with self.throttle.attempt(peer):
+            if await _off_loop(checker.check, passphrase, profile.passphrase_hash):
+                return
+            self.throttle.failed(peer)
+        raise AuthenticationFailedError(f"wrong passphrase for label {profile.label!r}")
 
 
 async def _off_loop(function: Callable[..., T], *args: Any) -> T:
