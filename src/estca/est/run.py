@@ -12,6 +12,7 @@ import queue
 import signal
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from estca.est.tls import ServerIdentity
 from estca.runtime import open_authority
 
 logger = logging.getLogger(__name__)
+
+#: Log lines are buffered up to this size between writes.
+LOG_BUFFER_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -140,26 +144,71 @@ def _run_worker(
 
 
 class _UnformattedQueueHandler(logging.handlers.QueueHandler):
-    """Queues records as they are; the listener's thread formats them (estca's log arguments
-    are strings and numbers, never objects that change after the call)."""
+    """Queues records as they are; the writer's thread formats them (estca's log arguments are
+    strings and numbers, never objects that change after the call)."""
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         return record
 
 
-def _log_off_the_event_loop() -> logging.handlers.QueueListener | None:
-    """Format and write log lines in a thread of their own; the event loop only queues them."""
+class LogWriter:
+    """Formats and writes log lines in a thread of its own; the event loop only queues records.
+
+    Lines that queued up together are written with one system call, not one each.
+    """
+
+    def __init__(self, formatter: logging.Formatter | None) -> None:
+        self._formatter = formatter or logging.Formatter()
+        self._records: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
+        self._stream = open(  # closed by stop()
+            os.dup(sys.stderr.fileno()),
+            "w",
+            buffering=LOG_BUFFER_BYTES,
+            encoding="utf-8",
+            errors="backslashreplace",
+        )
+        self._thread = threading.Thread(target=self._run, name="estca-log", daemon=True)
+
+    def start(self) -> logging.Handler:
+        self._thread.start()
+        return _UnformattedQueueHandler(self._records)
+
+    def stop(self) -> None:
+        self._records.put(None)
+        self._thread.join()
+        self._stream.close()
+
+    def _run(self) -> None:
+        while True:
+            record = self._records.get()
+            batch = [record]
+            while record is not None and not self._records.empty():
+                record = self._records.get_nowait()
+                batch.append(record)
+            for item in batch:
+                if item is not None:
+                    self._stream.write(self._formatter.format(item) + "\n")
+            self._stream.flush()
+            if batch[-1] is None:
+                return
+
+
+def _log_off_the_event_loop() -> LogWriter | None:
+    """Send the root logger's records to a `LogWriter` thread."""
     root = logging.getLogger()
     handlers = list(root.handlers)
     if not handlers:
         return None
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    # Process and thread names are not in estca's log format; not looking them up per record
+    # saves a system call each.
+    logging.logProcesses = False
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    writer = LogWriter(handlers[0].formatter)
     for handler in handlers:
         root.removeHandler(handler)
-    root.addHandler(_UnformattedQueueHandler(records))
-    listener = logging.handlers.QueueListener(records, *handlers, respect_handler_level=True)
-    listener.start()
-    return listener
+    root.addHandler(writer.start())
+    return writer
 
 
 async def _serve_async(
