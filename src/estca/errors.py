@@ -107,6 +107,11 @@ class RequestTimeoutError(EstcaError):
     public_message = "The request body did not arrive in time."
 
 
+class HttpVersionNotSupportedError(EstcaError):
+    status = 505
+    public_message = "Only HTTP/1.0 and HTTP/1.1 are supported."
+
+
 class NotImplementedOperationError(EstcaError):
     status = 501
     public_message = "This EST operation is not supported."

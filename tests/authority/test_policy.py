@@ -113,9 +113,24 @@ def test_template_whose_only_usage_does_not_fit_the_key_refuses_it() -> None:
         ({"key_usage": ["keyCertSign"]}, "for CA certificates"),
         ({"extended_key_usage": ["anything"]}, "unknown extended key usage"),
         ({"max_days": 0}, "--max-days"),
+        ({"max_days": 3_000_000}, "--max-days must be a whole number from 1 to 36500"),
+        ({"key_usage": [""]}, "at least one key usage"),
+        ({"extended_key_usage": []}, "at least one extended key usage"),
         ({"allow_subject": ["CN=re:("]}, "bad regular expression"),
     ],
-    ids=["attr", "no-pattern", "san-type", "key-type", "ca-usage", "eku", "days", "regex"],
+    ids=[
+        "attr",
+        "no-pattern",
+        "san-type",
+        "key-type",
+        "ca-usage",
+        "eku",
+        "days",
+        "huge-days",
+        "no-usage",
+        "no-eku",
+        "regex",
+    ],
 )
 def test_incoherent_templates_are_refused(options: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import logging
 
+from estca.logvalues import quote, token
+
 audit_logger = logging.getLogger("estca.audit")
-
-
-def _quote(value: object) -> str:
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'"{text}"'
 
 
 def audit_issued(
@@ -17,11 +14,11 @@ def audit_issued(
 ) -> None:
     audit_logger.info(
         "issued label=%s operation=%s serial=%s subject=%s sans=%s client_fingerprint=%s",
-        label,
-        operation,
+        token(label),
+        token(operation),
         serial,
-        _quote(subject),
-        _quote(",".join(sans)),
+        quote(subject),
+        quote(",".join(sans)),
         client or "-",
     )
 
@@ -29,9 +26,9 @@ def audit_issued(
 def audit_refused(*, label: str, operation: str, peer: str, status: int, reason: str) -> None:
     audit_logger.warning(
         "refused label=%s operation=%s peer=%s status=%d reason=%s",
-        label,
-        operation,
-        peer,
+        token(label),
+        token(operation),
+        token(peer),
         status,
-        _quote(reason),
+        quote(reason),
     )

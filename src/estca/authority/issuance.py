@@ -114,13 +114,22 @@ class Issuer:
 
         # Step 1b (authentication, continued): the certificate must be one this CA issued and
         # that is not revoked, whichever node issued it; the store is the authority on that.
-        await self.check_issued_and_not_revoked(profile.ca.id, profile.ca.name, presented)
+        # It must also have been issued under this label's template: a certificate of another
+        # template must not switch to this one's rules on the strength of a passphrase alone.
+        await self.check_issued_and_not_revoked(
+            profile.ca.id, profile.ca.name, presented, template_id=profile.template_id
+        )
         return await self._issue(profile, csr_der, client, "simplereenroll", renewing=presented)
 
     async def check_issued_and_not_revoked(
-        self, ca_id: int, ca_name: str, presented: x509.Certificate
+        self,
+        ca_id: int,
+        ca_name: str,
+        presented: x509.Certificate,
+        template_id: int | None = None,
     ) -> None:
-        """Refuse a client certificate that CA ``ca_id`` did not issue, or that is revoked.
+        """Refuse a client certificate that CA ``ca_id`` did not issue, or that is revoked;
+        with ``template_id``, also one issued under another template.
 
         Raises:
             ClientCertificateError: unknown to the store, or revoked (403).
@@ -139,6 +148,11 @@ class Issuer:
                 f"client certificate serial {record.serial} was revoked at "
                 f"{record.revoked_at.isoformat()}",
                 "The client certificate has been revoked.",
+            )
+        if template_id is not None and record.template_id != template_id:
+            raise ClientCertificateError(
+                f"client certificate serial {record.serial} was issued under template "
+                f"{record.template_name!r}, not this label's"
             )
 
     def _find_record(self, ca_id: int, presented: x509.Certificate) -> IssuedCertificateRow | None:

@@ -10,16 +10,27 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import rsa
+
 from estca.errors import ConfigurationError
 from estca.pki.certs import EXTENDED_KEY_USAGES, KEY_USAGE_NAMES
 from estca.pki.csr import CertificateRequest
 from estca.pki.keys import CSR_KEY_TYPES, key_type_allows
-from estca.pki.names import SAN_TYPES, SUBJECT_ATTRIBUTES, attribute_name
+from estca.pki.names import (
+    SAN_TYPES,
+    SUBJECT_ATTRIBUTES,
+    attribute_name,
+    well_formed_problems,
+)
 
 DEFAULT_KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048")
 DEFAULT_KEY_USAGE = ("digitalSignature",)
 DEFAULT_EXTENDED_KEY_USAGE = ("clientAuth",)
 DEFAULT_MAX_DAYS = 365
+#: Smaller RSA exponents (3, 17) have known pitfalls; 65537 is what every toolkit makes.
+MIN_RSA_EXPONENT = 65537
+#: A hundred years: the longest validity a template may ask for (CA lifetimes share it).
+MAX_DAYS_LIMIT = 36500
 
 #: Usages an end-entity key of each family can actually perform (RFC 5480 3, RFC 8410 5).
 _USAGES_BY_FAMILY = {
@@ -125,8 +136,17 @@ class TemplatePolicy:
                     f"unknown extended key usage {usage!r}; choose from "
                     f"{', '.join(EXTENDED_KEY_USAGES)}"
                 )
-        if not isinstance(self.max_days, int) or self.max_days < 1:
-            raise ConfigurationError("--max-days must be a whole number of days, at least 1")
+        if not isinstance(self.max_days, int) or not 1 <= self.max_days <= MAX_DAYS_LIMIT:
+            raise ConfigurationError(
+                f"--max-days must be a whole number from 1 to {MAX_DAYS_LIMIT}"
+            )
+        # An empty list would leave the extension out, and the certificate good for any use.
+        if not self.key_usage:
+            raise ConfigurationError("a template needs at least one key usage (--key-usage)")
+        if not self.extended_key_usage:
+            raise ConfigurationError(
+                "a template needs at least one extended key usage (--extended-key-usage)"
+            )
 
     def to_json(self) -> dict[str, object]:
         return {key: value for key, value in asdict(self).items() if not key.startswith("_")}
@@ -145,13 +165,20 @@ class TemplatePolicy:
 
     def violations(self, request: CertificateRequest) -> list[str]:
         """Every rule the request breaks, each in a phrase that names it; empty if none."""
-        found: list[str] = []
+        # Names must be well formed whatever the template allows: a pattern's "*" must never
+        # admit a wildcard, a NUL or a right-to-left override.
+        found = well_formed_problems(request.subject, request.subject_alt_names)
 
-        # Key type: "rsa-2048" in a template means at least 2048 bits.
+        # Key type: "rsa-2048" in a template means at least 2048 bits; the exponent is the usual.
         if not any(key_type_allows(allowed, request.key_type) for allowed in self.key_types):
             found.append(
                 f"key type {request.key_type} is not allowed (allowed: {', '.join(self.key_types)})"
             )
+        elif isinstance(request.public_key, rsa.RSAPublicKey) and (
+            request.public_key.public_numbers().e < MIN_RSA_EXPONENT
+        ):
+            exponent = request.public_key.public_numbers().e
+            found.append(f"RSA public exponent {exponent} is below {MIN_RSA_EXPONENT}")
         elif self.key_usage and not self.usages_for(request.key_type):
             found.append(f"no key usage of the template fits a {request.key_type} key")
 

@@ -197,12 +197,16 @@ class Authority:
                     "the bootstrap chain must hold only CA certificates; "
                     f"{certificate.subject.rfc4514_string()!r} is not a CA"
                 )
-        if label is None:
-            label = "est-" + secrets.token_hex(4)
-        _check_label(label)
+        if label is not None:
+            _check_label(label)
         password_hash = hash_passphrase(passphrase)
         with self.database.session() as session:
             row = self._template_row(session, template)
+            current = session.scalar(
+                select(EstEnrollmentRow.label).where(EstEnrollmentRow.template_id == row.id)
+            )
+            # Re-enabling without --label keeps the label devices already use.
+            label = label or current or "est-" + secrets.token_hex(4)
             taken = session.scalar(select(EstEnrollmentRow).where(EstEnrollmentRow.label == label))
             if taken is not None and taken.template_id != row.id:
                 raise ConflictError(f"label {label!r} is already used by another template")

@@ -16,10 +16,11 @@ import logging
 import os
 import ssl
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
 from aiohttp.web_protocol import RequestHandler
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -35,6 +36,7 @@ from estca.errors import (
     BadRequestError,
     ClientCertificateError,
     EstcaError,
+    HttpVersionNotSupportedError,
     MethodNotAllowedError,
     NotFoundError,
     NotImplementedOperationError,
@@ -43,6 +45,7 @@ from estca.errors import (
 )
 from estca.est.tls import ServerIdentity, build_server_context
 from estca.est.wire import MAX_BODY_BYTES, check_pkcs10_media_type, decode_csr_body
+from estca.logvalues import quote, token
 from estca.pki.certs import utc_now
 from estca.pki.names import format_name
 from estca.pki.pkcs7 import CERTS_ONLY_MEDIA_TYPE, base64_lines, certs_only_der
@@ -59,11 +62,20 @@ THROTTLE_WINDOW_SECONDS = 60.0
 THROTTLE_DELAY_SECONDS = 1.0
 THROTTLE_MAX_PEERS = 100_000
 
+#: Seconds a connection may take to deliver a whole request head, from its start or from the
+#: end of the previous answer.
+REQUEST_HEAD_TIMEOUT_SECONDS = 30.0
+
+#: Seconds spent discarding a body left unread by a refusal, before the connection closes.
+LINGER_SECONDS = 2.0
+
 #: Seconds a client has to deliver a request body once its headers are in.
 BODY_TIMEOUT_SECONDS = 30.0
 REALM = "estca"
 _ENROLL_OPERATIONS = ("simpleenroll", "simplereenroll")
 _UNSUPPORTED_OPERATIONS = ("fullcmc", "serverkeygen")
+_GET_OPERATIONS = ("cacerts", "csrattrs")
+_HTTP_VERSIONS = (HttpVersion10, HttpVersion11)
 
 T = TypeVar("T")
 
@@ -178,15 +190,27 @@ class EstServer:
 
     def http_server(self) -> EstHttpServer:
         """The aiohttp low-level server: one handler, no router, estca's own error answers."""
-        return EstHttpServer(self._handle)
+        return EstHttpServer(
+            self._handle,
+            # estca.access writes the one access line; aiohttp's own would be a second.
+            access_log=None,
+            # After an answer sent before the body was read, wait this long at most for the
+            # client to stop sending, then close.
+            lingering_time=LINGER_SECONDS,
+            # EST bodies are never content-coded; a gzip body is malformed, not inflated.
+            auto_decompress=False,
+        )
 
     # Requests ------------------------------------------------------------------------------
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Every request: route, answer or render the error, one access-log line."""
         started = time.perf_counter()
+        protocol = request.protocol
+        if isinstance(protocol, EstRequestHandler):
+            protocol.request_arrived()
         request_id = f"{self._request_prefix}-{next(self._request_ids)}"
-        label, operation = _route(request.path)
+        label, operation = _route(request.raw_path)
         try:
             response = await self._dispatch(request, label, operation)
         except EstcaError as error:
@@ -195,16 +219,18 @@ class EstServer:
             logger.exception("request %s failed", request_id)
             response = _text_response(500, f"Internal error (request {request_id}).")
         response.headers["Server"] = SERVER_HEADER
+        if isinstance(protocol, EstRequestHandler):
+            protocol.expect_request()
         access_logger.info(
             "request_id=%s peer=%s client=%s method=%s path=%s label=%s operation=%s "
             "status=%d duration_ms=%.1f",
             request_id,
             _peer(request),
-            _quote(request.get("client_subject", "-")),
+            quote(request.get("client_subject", "-")),
             request.method,
-            _quote(request.path),
-            label,
-            operation,
+            quote(request.raw_path),
+            token(label),
+            token(operation),
             response.status,
             (time.perf_counter() - started) * 1000,
         )
@@ -222,7 +248,7 @@ class EstServer:
                 reason=error.detail,
             )
         else:
-            logger.info("refused request to %s: %s", _quote(request.path), error.detail)
+            logger.info("refused request to %s: %s", quote(request.raw_path), quote(error.detail))
         if isinstance(error, AuthenticationRequiredError):
             # RFC 9110 11.6.1 challenge; BouncyCastle and libest fail if it carries a body.
             response = web.Response(status=401, body=b"")
@@ -231,14 +257,20 @@ class EstServer:
         if error.status == 401:
             response.headers["WWW-Authenticate"] = f'Basic realm="{REALM}"'
         if isinstance(error, MethodNotAllowedError):
-            response.headers["Allow"] = "GET" if operation == "cacerts" else "POST"
+            response.headers["Allow"] = "GET" if operation in _GET_OPERATIONS else "POST"
+        if request.body_exists and not request.content.at_eof():
+            # The body was never read; reading it now only to throw it away would let a client
+            # hold the connection with a Content-Length it never sends.
+            response.force_close()
         return response
 
     async def _dispatch(
         self, request: web.BaseRequest, label: str, operation: str
     ) -> web.StreamResponse:
+        if request.version not in _HTTP_VERSIONS:
+            raise HttpVersionNotSupportedError(f"HTTP version {request.version} is not 1.0 or 1.1")
         if not operation:
-            raise NotFoundError(f"no EST route for {request.path[:200]!r}", "Not found.")
+            raise NotFoundError(f"no EST route for {request.raw_path[:200]!r}", "Not found.")
         profile = self.state.profiles.get(label)
         if profile is None:
             raise NotFoundError(f"unknown EST label {label!r}", "Unknown EST label.")
@@ -342,10 +374,13 @@ def _basic_password(request: web.BaseRequest) -> bytes:
     header = request.headers.get("Authorization")
     if header is None:
         raise AuthenticationRequiredError("no Authorization header; challenged")
-    scheme, _, credentials = header.strip().partition(" ")
+    # Any white space separates scheme and credentials; nothing of the header is logged but
+    # the scheme, and only when it is a plain word, since a malformed header may hold a secret.
+    scheme, _, credentials = header.strip().replace("\t", " ").partition(" ")
     if scheme.lower() != "basic":
+        shown = scheme if scheme.isalpha() and len(scheme) <= 20 else "(unreadable)"
         raise AuthenticationFailedError(
-            f"Authorization scheme {scheme[:20]!r} is not Basic",
+            f"Authorization scheme {shown} is not Basic",
             "HTTP Basic authentication is required.",
         )
     try:
@@ -382,6 +417,12 @@ async def _read_body(request: web.BaseRequest) -> bytes:
     Raises:
         PayloadTooLargeError, RequestTimeoutError, BadRequestError.
     """
+    transfer_encoding = request.headers.get("Transfer-Encoding")
+    if transfer_encoding is not None and transfer_encoding.strip().lower() != "chunked":
+        raise NotImplementedOperationError(
+            f"Transfer-Encoding {transfer_encoding[:40]!r} is not supported",
+            "Transfer-Encoding other than chunked is not supported.",
+        )
     declared = request.content_length
     if declared is not None and declared > MAX_BODY_BYTES:
         raise PayloadTooLargeError(f"Content-Length {declared} exceeds {MAX_BODY_BYTES}")
@@ -419,14 +460,19 @@ def _text_response(status: int, sentence: str) -> web.Response:
     return response
 
 
-def _route(path: str) -> tuple[str, str]:
-    """``/.well-known/est/LABEL/OPERATION`` split into its two names; ("-", "") otherwise."""
+def _route(raw_path: str) -> tuple[str, str]:
+    """``/.well-known/est/LABEL/OPERATION`` split into its two names; ("-", "") otherwise.
+
+    The path is split before percent-decoding, so an encoded slash (%2F) stays inside its
+    segment instead of making a new one.
+    """
+    path = raw_path.partition("?")[0]
     if not path.startswith(EST_PREFIX):
         return "-", ""
     label, slash, operation = path[len(EST_PREFIX) :].partition("/")
     if not label or not slash or not operation or "/" in operation:
         return "-", ""
-    return label, operation
+    return urllib.parse.unquote(label), urllib.parse.unquote(operation)
 
 
 class EstRequestHandler(RequestHandler):
@@ -436,6 +482,39 @@ class EstRequestHandler(RequestHandler):
     runs; its answer echoes the request and its log holds a traceback. Here the answer is one
     plain sentence and the log one line.
     """
+
+    _request_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.expect_request()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.request_arrived()
+        super().connection_lost(exc)
+
+    def expect_request(self) -> None:
+        """A whole request head must arrive within REQUEST_HEAD_TIMEOUT_SECONDS (slow-loris)."""
+        self.request_arrived()
+        self._request_deadline = asyncio.get_running_loop().call_later(
+            REQUEST_HEAD_TIMEOUT_SECONDS, self._request_too_slow
+        )
+
+    def request_arrived(self) -> None:
+        if self._request_deadline is not None:
+            self._request_deadline.cancel()
+            self._request_deadline = None
+
+    def _request_too_slow(self) -> None:
+        self._request_deadline = None
+        transport = self.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        logger.warning(
+            "closed connection from %s: no complete request within %.0f s",
+            quote(peer[0] if peer else "-"),
+            REQUEST_HEAD_TIMEOUT_SECONDS,
+        )
+        self.force_close()
 
     def handle_error(
         self,
@@ -472,8 +551,3 @@ class EstHttpServer(web.Server):
 
 def _peer(request: web.BaseRequest) -> str:
     return str(request.remote or "-")
-
-
-def _quote(value: object) -> str:
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'

@@ -27,7 +27,18 @@ def _require_ca(
 _CA_POLICY = verification.ExtensionPolicy.permit_all().require_present(
     x509.BasicConstraints, verification.Criticality.AGNOSTIC, _require_ca
 )
-_END_ENTITY_POLICY = verification.ExtensionPolicy.permit_all()
+
+
+def _refuse_ca(
+    policy: verification.Policy, certificate: x509.Certificate, value: x509.BasicConstraints | None
+) -> None:
+    if value is not None and value.ca:
+        raise ValueError("a CA certificate cannot authenticate a device")
+
+
+_END_ENTITY_POLICY = verification.ExtensionPolicy.permit_all().may_be_present(
+    x509.BasicConstraints, verification.Criticality.AGNOSTIC, _refuse_ca
+)
 
 
 class ChainValidator:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
     CertificatePublicKeyTypes,
@@ -56,6 +56,8 @@ def describe_public_key(key: CertificatePublicKeyTypes) -> str:
         return "ed25519"
     if isinstance(key, ed448.Ed448PublicKey):
         return "ed448"
+    if isinstance(key, dsa.DSAPublicKey):
+        return f"dsa-{key.key_size}"
     return type(key).__name__
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -39,7 +40,8 @@ def parse_distinguished_name(text: str) -> x509.Name:
             {"serialNumber": NameOID.SERIAL_NUMBER, "emailAddress": NameOID.EMAIL_ADDRESS},
         )
     except ValueError as exc:
-        raise ConfigurationError(f"not a distinguished name: {text!r} ({exc})") from exc
+        detail = f" ({exc})" if str(exc) else ""
+        raise ConfigurationError(f"not a distinguished name: {text!r}{detail}") from exc
     if not name.rdns:
         raise ConfigurationError(f"empty distinguished name: {text!r}")
     return name
@@ -128,6 +130,7 @@ def read_subject_alt_names(
         if isinstance(general_name, x509.DNSName):
             names.append(SubjectAltName("dns", general_name.value))
         elif isinstance(general_name, x509.IPAddress):
+            # A network (8 or 32 octets) is kept as written; well_formed_problems refuses it.
             names.append(SubjectAltName("ip", str(general_name.value)))
         elif isinstance(general_name, x509.RFC822Name):
             names.append(SubjectAltName("email", general_name.value))
@@ -140,3 +143,85 @@ def read_subject_alt_names(
 
 def comparable_sans(names: list[SubjectAltName]) -> frozenset[tuple[str, str]]:
     return frozenset(name.comparable() for name in names)
+
+
+#: Upper bounds of RFC 5280 appendix A.1 (ub-common-name and friends), in characters.
+_ATTRIBUTE_LIMITS = {
+    "CN": 64,
+    "O": 64,
+    "OU": 64,
+    "L": 128,
+    "ST": 128,
+    "serialNumber": 64,
+    "emailAddress": 255,
+    "C": 2,
+}
+_DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+_EMAIL_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}")
+
+
+def is_host_name(value: str) -> bool:
+    """A DNS name in the preferred syntax (RFC 1034 3.5, RFC 5280 4.2.1.6): no wildcard."""
+    labels = value.split(".")
+    return len(value) <= 253 and all(_DNS_LABEL.fullmatch(label) for label in labels)
+
+
+def _escaped(value: str) -> str:
+    return value.encode("unicode_escape").decode("ascii")
+
+
+def well_formed_problems(subject: x509.Name, sans: list[SubjectAltName]) -> list[str]:
+    """Reasons a requested name is malformed, whatever the template allows.
+
+    Control characters, and format characters such as U+202E (right-to-left override) or
+    U+200B (zero-width space), make a name display as something it is not: str.isprintable
+    is false for both.
+    """
+    problems: list[str] = []
+    counts: dict[str, int] = {}
+    for rdn in subject.rdns:
+        for attribute in rdn:
+            name = attribute_name(attribute.oid)
+            counts[name] = counts.get(name, 0) + 1
+            value = attribute.value
+            if not isinstance(value, str):
+                problems.append(f"subject attribute {name} is not a string")
+                continue
+            if not value.isprintable():
+                problems.append(
+                    f"subject {name}={_escaped(value)} holds control or format characters"
+                )
+            limit = _ATTRIBUTE_LIMITS.get(name)
+            if limit is not None and not 1 <= len(value) <= limit:
+                problems.append(f"subject {name} must be 1 to {limit} characters")
+    for name, count in counts.items():
+        if count > 1:
+            problems.append(f"subject attribute {name} appears {count} times")
+    for san in sans:
+        problem = _san_problem(san)
+        if problem:
+            problems.append(f"SAN {san.kind}:{_escaped(san.value)} {problem}")
+    return problems
+
+
+def _san_problem(san: SubjectAltName) -> str | None:
+    value = san.value
+    if san.kind == "ip":
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            return "is an address range, not an address"
+        return None
+    if not value.isascii() or not value.isprintable() or " " in value:
+        return "holds characters a name of its kind cannot hold"
+    if san.kind == "dns":
+        return None if is_host_name(value) else "is not a host name"
+    if san.kind == "email":
+        local, at, domain = value.rpartition("@")
+        if not at or not _EMAIL_LOCAL.fullmatch(local) or not is_host_name(domain):
+            return "is not a mailbox address"
+        return None
+    if not _URI_SCHEME.match(value) or len(value) > 2048:
+        return "is not a URI"
+    return None
