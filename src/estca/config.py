@@ -17,6 +17,7 @@ DEFAULT_HOME = "./estca-data"
 DEFAULT_LISTEN = "0.0.0.0:8443"  # noqa: S104 - devices reach the server over the network
 DEFAULT_REFRESH_SECONDS = 1.0
 DEFAULT_PASSPHRASE_CACHE_SECONDS = 300.0
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _KNOWN_KEYS = {
     "database_url",
     "master_key",
@@ -90,8 +91,20 @@ def load_settings(environ: Mapping[str, str] | None = None, home: str | None = N
         hostnames=tuple(str(h) for h in raw_hostnames),
         refresh_seconds=_number(values, "refresh_seconds", DEFAULT_REFRESH_SECONDS),
         workers=int(_number(values, "workers", 0)),
-        log_level=str(values.get("log_level") or "INFO").upper(),
+        log_level=_log_level(values),
     )
+
+
+def _log_level(values: Mapping[str, object]) -> str:
+    # Checked here, not left to logging: logging's own refusal is a traceback that names no
+    # setting.
+    raw = values.get("log_level") or "INFO"
+    level = str(raw).upper()
+    if level not in LOG_LEVELS:
+        raise ConfigurationError(
+            f"ESTCA_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {raw!r}"
+        )
+    return level
 
 
 def _number(values: Mapping[str, object], key: str, default: float) -> float:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from tests.support import EstcaInstallation
+from tests.support import ESTCA, EstcaInstallation
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +241,78 @@ def test_bootstrap_chain_must_hold_ca_certificates(
         check=False,
     )
     assert result.returncode == 1 and "not a PEM certificate bundle" in result.stderr
+
+
+def run_with(
+    installation: EstcaInstallation, changes: dict[str, str], *args: str
+) -> subprocess.CompletedProcess[str]:
+    """Run estca with some of the installation's environment changed."""
+    return subprocess.run(
+        [*ESTCA, *args],
+        env={**installation.env, **changes},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_unknown_log_level_fails_naming_the_variable_and_the_levels(
+    installation: EstcaInstallation,
+) -> None:
+    result = run_with(installation, {"ESTCA_LOG_LEVEL": "bogus"}, "ca", "list")
+    assert result.returncode == 1
+    assert result.stderr == (
+        "estca: error: ESTCA_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, "
+        "not 'bogus'\n"
+    )
+
+
+def test_unreachable_database_fails_with_one_line_without_the_password(
+    installation: EstcaInstallation,
+) -> None:
+    # Nothing listens on port 1 of loopback: the connection is refused at once.
+    url = "postgresql+psycopg://nouser:s3cret-pw@127.0.0.1:1/x"
+    result = run_with(installation, {"ESTCA_DATABASE_URL": url}, "ca", "list")
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        "estca: error: the database at postgresql+psycopg://nouser:***@127.0.0.1:1/x "
+        "cannot be reached: connection failed: "
+    )
+    assert "Connection refused" in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "s3cret-pw" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("home", "message"),
+    [
+        ("/proc/nope", "cannot create the data directory /proc/nope: No such file or directory"),
+        ("{file}", "ESTCA_HOME {file} exists and is not a directory"),
+        ("{file}/data", "cannot create the data directory {file}/data: Not a directory"),
+    ],
+    ids=["cannot-create", "regular-file", "below-regular-file"],
+)
+def test_init_where_no_data_directory_can_be_fails_with_one_line(
+    installation: EstcaInstallation, tmp_path: Path, home: str, message: str
+) -> None:
+    file = tmp_path / "a-file"
+    file.write_text("")
+    result = run_with(installation, {"ESTCA_HOME": home.format(file=file)}, "init")
+    assert result.returncode == 1
+    assert result.stderr == f"estca: error: {message.format(file=file)}\n"
+
+
+def test_quickstart_checks_listen_before_making_anything(
+    installation: EstcaInstallation, tmp_path: Path
+) -> None:
+    home = tmp_path / "quickstart"
+    result = run_with(
+        installation,
+        {"ESTCA_HOME": str(home), "ESTCA_DATABASE_URL": ""},
+        "quickstart",
+        "--listen",
+        "nonsense",
+    )
+    assert result.returncode == 1
+    assert result.stderr == "estca: error: --listen 'nonsense' must be HOST:PORT\n"
+    assert not home.exists()

@@ -6,13 +6,16 @@ import functools
 import json
 import logging
 import os
+import ssl
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import sqlalchemy.exc
 from cryptography.hazmat.primitives import serialization
+from sqlalchemy.engine import make_url
 
 from estca.authority.policy import TemplatePolicy
 from estca.authority.service import Authority, est_urls
@@ -35,23 +38,78 @@ def configure_logging(level: str) -> None:
 
 
 def fails_cleanly(function: F) -> F:
-    """Turn estca's own errors into one line on stderr and exit status 1."""
+    """Turn estca's own errors, and failures of what it stands on (files, network, TLS material,
+    the database), into one line on stderr and exit status 1.
+
+    Any other exception is a bug in estca and keeps its traceback.
+    """
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
         except EstcaError as error:
-            click.echo(f"estca: error: {error.detail}", err=True)
-            sys.exit(1)
+            message = error.detail
+        except sqlalchemy.exc.OperationalError as error:
+            message = database_failure(error, _current_database_url())
+        except OSError as error:  # ssl.SSLError and socket.gaierror among them
+            message = system_failure(error)
+        click.echo(f"estca: error: {_one_line(message)}", err=True)
+        sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def database_failure(error: sqlalchemy.exc.OperationalError, database_url: str | None) -> str:
+    """The driver's first line and where the database is, without the URL's password."""
+    driver_lines = str(error.orig if error.orig is not None else error).strip().splitlines()
+    reason = driver_lines[0] if driver_lines else type(error).__name__
+    where = ""
+    if database_url is not None:
+        try:
+            url = make_url(database_url)
+        except sqlalchemy.exc.ArgumentError:
+            url = None
+        if url is not None:
+            where = f" at {url.render_as_string(hide_password=True)}"
+            # Drivers may echo the connection string they were given.
+            if url.password:
+                reason = reason.replace(str(url.password), "***")
+    return f"the database{where} cannot be reached: {reason}"
+
+
+def system_failure(error: OSError) -> str:
+    """A file, socket or TLS failure in the words of the operating system or OpenSSL."""
+    if isinstance(error, ssl.SSLError):
+        return f"TLS: {error}"
+    reason = error.strerror or str(error) or type(error).__name__
+    if error.filename is not None:
+        return f"{error.filename}: {reason}"
+    return reason
+
+
+def _one_line(message: str) -> str:
+    lines = message.strip().splitlines()
+    return lines[0] if lines else message
+
+
+def _current_database_url() -> str | None:
+    click_context = click.get_current_context(silent=True)
+    context = click_context.find_object(Context) if click_context is not None else None
+    if context is None or context.loaded_settings is None:
+        return None
+    return context.loaded_settings.database_url
 
 
 class Context:
     def __init__(self, home: str | None) -> None:
         self.home = home
         self._settings: Settings | None = None
+
+    @property
+    def loaded_settings(self) -> Settings | None:
+        """The settings if they have been read, without reading them."""
+        return self._settings
 
     @property
     def settings(self) -> Settings:
@@ -534,11 +592,13 @@ def quickstart(
 ) -> None:
     """Initialise, seed a demo on an empty store, print how to enroll, and serve."""
     from estca.cli.demo import seed_demo
+    from estca.est.run import parse_listen
 
+    # Checked before anything is created, so that a typo leaves no half-made data directory.
+    _, port = parse_listen(listen or context.settings.listen)
     authority = context.authority(create=True)
     authority.hierarchy.ensure_server_ca()
-    port = (listen or context.settings.listen).rpartition(":")[2]
-    seed_demo(authority, context.settings.home, int(port))
+    seed_demo(authority, context.settings.home, port)
     authority.database.dispose()
     _serve(context, listen, hostnames, tls_cert, tls_key, workers)
 
