@@ -348,10 +348,6 @@ async def _serve_async(
 ) -> None:
     authority = open_authority(settings)
     server = EstServer(authority, identity, settings.refresh_seconds)
-    # estca.access logs each request; aiohttp's own access line would repeat it. ServerRunner
-    # ignores an access_log argument (only web.Server takes one), so it is its logger that is
-    # turned down; a disabled access logger is not even called.
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     runner = web.ServerRunner(server.http_server(), handle_signals=False)
     await runner.setup()
     site = web.TCPSite(
