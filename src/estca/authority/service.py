@@ -114,9 +114,7 @@ class Authority:
 
     def _template_summary(self, session: Session, row: TemplateRow) -> dict[str, Any]:
         ca = session.get(CertificateAuthorityRow, row.ca_id)
-        enrollment = session.scalar(
-            select(EstEnrollmentRow).where(EstEnrollmentRow.template_id == row.id)
-        )
+        enrollment = self._enrollment_of(session, row)
         return {
             "name": row.name,
             "ca": ca.name if ca else None,
@@ -160,9 +158,7 @@ class Authority:
         """
         with self.database.session() as session:
             row = self._template_row(session, name)
-            enrollment = session.scalar(
-                select(EstEnrollmentRow).where(EstEnrollmentRow.template_id == row.id)
-            )
+            enrollment = self._enrollment_of(session, row)
             if enrollment is not None:
                 session.delete(enrollment)
             for issued in session.scalars(
@@ -202,17 +198,12 @@ class Authority:
         password_hash = hash_passphrase(passphrase)
         with self.database.session() as session:
             row = self._template_row(session, template)
-            current = session.scalar(
-                select(EstEnrollmentRow.label).where(EstEnrollmentRow.template_id == row.id)
-            )
+            existing = self._enrollment_of(session, row)
             # Re-enabling without --label keeps the label devices already use.
-            label = label or current or "est-" + secrets.token_hex(4)
+            label = label or (existing.label if existing else "est-" + secrets.token_hex(4))
             taken = session.scalar(select(EstEnrollmentRow).where(EstEnrollmentRow.label == label))
             if taken is not None and taken.template_id != row.id:
                 raise ConflictError(f"label {label!r} is already used by another template")
-            existing = session.scalar(
-                select(EstEnrollmentRow).where(EstEnrollmentRow.template_id == row.id)
-            )
             if existing is None:
                 existing = EstEnrollmentRow(template_id=row.id, created_at=utc_now())
                 session.add(existing)
@@ -227,15 +218,23 @@ class Authority:
             template, label, bootstrap_validation, [c.subject.rfc4514_string() for c in chain]
         )
 
+    def _enabled_row(self, session: Session, template: str) -> EstEnrollmentRow:
+        """Raises: NotFoundError: no template, or EST is not enabled for it."""
+        enrollment = self._enrollment_of(session, self._template_row(session, template))
+        if enrollment is None:
+            raise NotFoundError(f"EST is not enabled for template {template!r}")
+        return enrollment
+
+    @staticmethod
+    def _enrollment_of(session: Session, row: TemplateRow) -> EstEnrollmentRow | None:
+        return session.scalar(
+            select(EstEnrollmentRow).where(EstEnrollmentRow.template_id == row.id)
+        )
+
     def show_est(self, template: str) -> EstSettings:
         """Raises: NotFoundError: no template, or EST is not enabled for it."""
         with self.database.session() as session:
-            row = self._template_row(session, template)
-            enrollment = session.scalar(
-                select(EstEnrollmentRow).where(EstEnrollmentRow.template_id == row.id)
-            )
-            if enrollment is None:
-                raise NotFoundError(f"EST is not enabled for template {template!r}")
+            enrollment = self._enabled_row(session, template)
             chain = load_pem_bundle(enrollment.bootstrap_chain_pem.encode(), "bootstrap chain")
             return EstSettings(
                 template,
@@ -247,13 +246,7 @@ class Authority:
     def disable_est(self, template: str) -> None:
         """Raises: NotFoundError."""
         with self.database.session() as session:
-            row = self._template_row(session, template)
-            enrollment = session.scalar(
-                select(EstEnrollmentRow).where(EstEnrollmentRow.template_id == row.id)
-            )
-            if enrollment is None:
-                raise NotFoundError(f"EST is not enabled for template {template!r}")
-            session.delete(enrollment)
+            session.delete(self._enabled_row(session, template))
             bump_generation(session)
 
     def load_profiles(self) -> dict[str, EnrollmentProfile]:
