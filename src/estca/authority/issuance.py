@@ -17,7 +17,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 
 from estca.authority.audit import audit_issued
@@ -69,6 +69,17 @@ def fingerprint(certificate: x509.Certificate) -> str:
 
 
 @dataclass(frozen=True)
+class IssuedRecord:
+    """What the authentication of a presented certificate needs from its issuance record."""
+
+    serial: str
+    template_id: int | None
+    template_name: str
+    certificate_der: bytes
+    revoked_at: datetime.datetime | None
+
+
+@dataclass(frozen=True)
 class ClientIdentity:
     """Who the front end authenticated: the TLS client certificate, if any, and the peer."""
 
@@ -87,6 +98,14 @@ class Issuer:
     def __init__(self, database: Database) -> None:
         self._database = database
         self.recorder = IssuanceRecorder(database)
+        table = IssuedCertificateRow.__table__
+        self._record_query = select(
+            table.c.serial,
+            table.c.template_id,
+            table.c.template_name,
+            table.c.certificate_der,
+            table.c.revoked_at,
+        ).where(table.c.ca_id == bindparam("ca_id"), table.c.serial == bindparam("serial"))
 
     async def enroll(
         self, profile: EnrollmentProfile, csr_der: bytes, client: ClientIdentity
@@ -155,14 +174,14 @@ class Issuer:
                 f"{record.template_name!r}, not this label's"
             )
 
-    def _find_record(self, ca_id: int, presented: x509.Certificate) -> IssuedCertificateRow | None:
-        with self._database.session() as session:
-            return session.scalar(
-                select(IssuedCertificateRow).where(
-                    IssuedCertificateRow.ca_id == ca_id,
-                    IssuedCertificateRow.serial == serial_hex(presented.serial_number),
-                )
-            )
+    def _find_record(self, ca_id: int, presented: x509.Certificate) -> IssuedRecord | None:
+        # A plain SELECT of the columns needed: no ORM session on the hot path.
+        with self._database.engine.connect() as connection:
+            row = connection.execute(
+                self._record_query,
+                {"ca_id": ca_id, "serial": serial_hex(presented.serial_number)},
+            ).first()
+        return IssuedRecord(*row) if row is not None else None
 
     async def _issue(
         self,

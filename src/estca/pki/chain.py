@@ -47,6 +47,7 @@ class ChainValidator:
     def __init__(self, anchors: Sequence[x509.Certificate]) -> None:
         self._anchors = list(anchors)
         self._store = verification.Store(self._anchors)
+        self._verifier: tuple[datetime.datetime, verification.ClientVerifier] | None = None
 
     def validate(self, leaf: x509.Certificate, now: datetime.datetime) -> list[x509.Certificate]:
         """Return the validated chain, leaf first.
@@ -66,15 +67,8 @@ class ChainValidator:
                 f"client certificate {format_name(leaf.subject)!r} is not valid before "
                 f"{leaf.not_valid_before_utc.isoformat()}"
             )
-        verifier = (
-            verification.PolicyBuilder()
-            .store(self._store)
-            .time(now)
-            .extension_policies(ca_policy=_CA_POLICY, ee_policy=_END_ENTITY_POLICY)
-            .build_client_verifier()
-        )
         try:
-            verified = verifier.verify(leaf, self._anchors)
+            verified = self._verifier_at(now).verify(leaf, self._anchors)
         except verification.VerificationError as exc:
             raise ClientCertificateError(
                 f"client certificate {format_name(leaf.subject)!r} issued by "
@@ -82,3 +76,19 @@ class ChainValidator:
                 f"certificates: {exc}"
             ) from None
         return list(verified.chain)
+
+    def _verifier_at(self, now: datetime.datetime) -> verification.ClientVerifier:
+        """A verifier for this second; built once a second at most, not once a request."""
+        second = now.replace(microsecond=0)
+        cached = self._verifier
+        if cached is None or cached[0] != second:
+            verifier = (
+                verification.PolicyBuilder()
+                .store(self._store)
+                .time(second)
+                .extension_policies(ca_policy=_CA_POLICY, ee_policy=_END_ENTITY_POLICY)
+                .build_client_verifier()
+            )
+            cached = (second, verifier)
+            self._verifier = cached
+        return cached[1]
