@@ -10,9 +10,11 @@ from pathlib import Path
 
 from cryptography import x509
 
-from tests.support import free_port
+from tests.support import free_port, make_certificate, name
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+#: The estca command of this interpreter, for scripts run by bash.
+ESTCA_COMMAND = f"{sys.executable} -m estca.cli.main"
 
 
 def _block_after(heading: str) -> str:
@@ -78,3 +80,23 @@ def test_quickstart_then_first_enrollment_as_written(tmp_path: Path) -> None:
         server.terminate()
         server.wait(timeout=15)
         log.close()
+
+
+def test_own_ca_and_template_commands_run_as_written(tmp_path: Path) -> None:
+    script = _block_after("Setting up your own CA and template")
+    lines = script.strip().splitlines()
+    assert lines[-1].startswith("estca serve ")
+    # Everything but the last line, which serves until stopped; the home goes to a tmp dir.
+    setup = "\n".join(lines[:-1]).replace("/var/lib/estca", str(tmp_path / "home"))
+    maker = make_certificate(name("Maker CA"), None, ca=True)
+    (tmp_path / "manufacturer-ca.pem").write_bytes(maker.pem())
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", setup.replace("estca ", f"{ESTCA_COMMAND} ")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "label: sensors" in result.stdout
+    assert "/.well-known/est/sensors/simpleenroll" in result.stdout
