@@ -154,3 +154,83 @@ def test_csr_with_bad_signature_fails_proof_of_possession() -> None:
 def test_unreadable_csr_is_a_bad_request(body: bytes) -> None:
     with pytest.raises(BadRequestError, match="unreadable CSR"):
         load_certificate_request(body)
+
+
+ANYTHING = TemplatePolicy(
+    allow_subject=["CN=*"],
+    deny_subject=["CN=admin*"],
+    allow_san=["dns=*", "email=*", "uri=*", "ip=*"],
+)
+
+
+@pytest.mark.parametrize(
+    ("san", "reason"),
+    [
+        (x509.UniformResourceIdentifier("https://*.example.com/"), "does not name a host"),
+        (x509.UniformResourceIdentifier("https:///x"), "does not name a host"),
+        (x509.UniformResourceIdentifier("a:"), "is not a URI"),
+        (x509.UniformResourceIdentifier("http://[::1/"), "is not a URI"),
+        (x509.DNSName("127.0.0.1"), "is not a host name"),
+        (x509.DNSName("xn--zz.example"), "is not a host name"),
+        (x509.RFC822Name(".a..b@example.com"), "is not a mailbox address"),
+    ],
+    ids=[
+        "uri-wildcard",
+        "uri-empty-host",
+        "uri-bare-scheme",
+        "uri-bad-ipv6",
+        "dns-numeric",
+        "dns-bad-punycode",
+        "email-dots",
+    ],
+)
+def test_malformed_sans_are_named(san: x509.GeneralName, reason: str) -> None:
+    problems = ANYTHING.violations(request(name("d"), [san]))
+    assert len(problems) == 1 and reason in problems[0]
+
+
+def test_well_formed_sans_pass() -> None:
+    sans: list[x509.GeneralName] = [
+        x509.UniformResourceIdentifier("https://device.example.com/path"),
+        x509.UniformResourceIdentifier("urn:uuid:6e8bc430-9c3a-11d9-9669-0800200c9a66"),
+        x509.DNSName("xn--bcher-kva.example"),
+        x509.RFC822Name("first.last@example.com"),
+    ]
+    assert ANYTHING.violations(request(name("d"), sans)) == []
+
+
+def test_request_naming_nothing_is_refused() -> None:
+    assert ANYTHING.violations(request(x509.Name([]))) == [
+        "the request names no subject and no SAN"
+    ]
+
+
+@pytest.mark.parametrize(
+    "cn", ["ａｄｍｉｎ", "ADMIN-1", "admin  x"], ids=["fullwidth", "upper", "ws"]
+)
+def test_deny_rules_see_compatibility_forms(cn: str) -> None:
+    problems = ANYTHING.violations(request(name(cn)))
+    assert problems and "is denied by CN=admin*" in problems[0]
+
+
+def test_refusal_messages_escape_control_characters() -> None:
+    policy = TemplatePolicy(allow_subject=["CN=x"], allow_san=["dns=x.test"])
+    (problem,) = [p for p in policy.violations(request(name("y"))) if "not allowed" in p]
+    assert problem == "subject CN=y is not allowed"
+    problems = ANYTHING.violations(request(name("a\nb")))
+    assert all("\n" not in problem for problem in problems)
+    assert "subject CN=a\\nb holds control or format characters" in problems
+
+
+def test_encipher_only_needs_key_agreement() -> None:
+    with pytest.raises(ConfigurationError, match="encipherOnly needs keyAgreement"):
+        TemplatePolicy(key_usage=["digitalSignature", "encipherOnly"])
+    policy = TemplatePolicy(key_usage=["keyAgreement", "encipherOnly", "digitalSignature"])
+    assert policy.usages_for("ec-p256") == ["keyAgreement", "encipherOnly", "digitalSignature"]
+    assert policy.usages_for("rsa-2048") == ["digitalSignature"]
+
+
+def test_country_must_be_two_capital_letters() -> None:
+    policy = TemplatePolicy(allow_subject=["CN=*", "C=*"])
+    (problem,) = policy.violations(request(name("d", C="nl")))
+    assert problem == "subject C=nl must be two capital letters (ISO 3166)"

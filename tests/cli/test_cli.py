@@ -219,7 +219,7 @@ def test_est_enable_prints_label_and_urls_and_never_stores_passphrase(
     assert shown["label"] == label and shown["bootstrap_validation"] is True
     rows = dict(hierarchy.query("SELECT label, passphrase_hash FROM est_enrollments"))
     stored = rows[label]
-    assert stored.startswith("scrypt$") and "a secret" not in stored
+    assert stored.startswith("scrypt-sha256$") and "a secret" not in stored
 
 
 def test_bootstrap_chain_must_hold_ca_certificates(

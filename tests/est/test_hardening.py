@@ -9,17 +9,18 @@ import socket
 import ssl
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtensionOID, NameOID
 
 from tests.conftest import Deployment
 from tests.est.test_conformance import read_until_closed, split_response, tls_connection
 from tests.est.test_enrollment import enroll_with_openssl_key
-from tests.support import Issued, basic, make_csr, name, new_key, utc_now
+from tests.support import Issued, basic, make_csr, name, new_key, openssl, utc_now
 
 
 def long_common_name() -> x509.Name:
@@ -244,3 +245,113 @@ def test_connection_without_a_whole_request_head_is_closed(deployment: Deploymen
             assert tls.recv(1024) == b""
     assert 25 < time.monotonic() - started < 50
     deployment.server.wait_for_log(mark, "no complete request within 30 s")
+
+
+def _der_length(length: int) -> bytes:
+    if length < 0x80:
+        return bytes([length])
+    octets = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(octets)]) + octets
+
+
+def _tlv(tag: int, content: bytes) -> bytes:
+    return bytes([tag]) + _der_length(len(content)) + content
+
+
+def csr_with_retagged_common_name(common_name: str, tag: int) -> bytes:
+    """A CSR whose CN is encoded under another ASN.1 tag, correctly signed by its key."""
+    der, key = make_csr(name(common_name))
+    csr = x509.load_der_x509_csr(der)
+    utf8 = _tlv(0x0C, common_name.encode())
+    info = csr.tbs_certrequest_bytes.replace(utf8, _tlv(tag, common_name.encode()), 1)
+    assert info != csr.tbs_certrequest_bytes
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    signature = key.sign(info, ec.ECDSA(hashes.SHA256()))
+    algorithm = _tlv(0x30, _tlv(0x06, bytes.fromhex("2a8648ce3d040302")))
+    return _tlv(0x30, info + algorithm + _tlv(0x03, b"\x00" + signature))
+
+
+@pytest.mark.parametrize("tag", [0x04, 0x1A, 0x12], ids=["octet-string", "visible", "numeric"])
+def test_subject_is_reencoded_so_openssl_can_read_the_certificate(
+    deployment: Deployment, tag: int
+) -> None:
+    der = csr_with_retagged_common_name("device-123", tag)
+    response = deployment.server.curl(
+        "devices",
+        "simpleenroll",
+        body=der,
+        cert=deployment.bootstrap,
+        password=deployment.passphrase,
+    )
+    if response.status != 200:
+        # Refusing is also safe; what must never happen is a certificate parsers refuse.
+        assert response.status in (400, 403), response.body
+        return
+    printed = openssl(
+        "pkcs7", "-inform", "DER", "-print_certs", input_bytes=base64.b64decode(response.body)
+    )
+    assert printed.returncode == 0, printed.stderr
+    assert b"subject=CN = device-123" in printed.stdout
+
+
+def test_device_certificate_with_unparseable_san_gets_403_not_500(
+    deployment: Deployment,
+) -> None:
+    maker = deployment.manufacturer
+    key = new_key()
+    broken_san = x509.UnrecognizedExtension(
+        ExtensionOID.SUBJECT_ALTERNATIVE_NAME, bytes.fromhex("300787050102030405")
+    )
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name("device-brokensan"))
+        .issuer_name(maker.intermediate.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(utc_now() - datetime.timedelta(days=1))
+        .not_valid_after(utc_now() + datetime.timedelta(days=30))
+        .add_extension(broken_san, critical=False)
+        .sign(maker.intermediate.key, hashes.SHA256())
+    )
+    files = Issued(certificate, key).write(deployment.work, "broken-san")
+    der, _ = make_csr(name("device-brokensan"))
+    response = deployment.server.curl(
+        "devices", "simpleenroll", body=der, cert=files, password=deployment.passphrase
+    )
+    assert response.status == 403
+    assert "Traceback" not in deployment.server.log()
+
+
+def test_parallel_guesses_are_throttled_too(deployment: Deployment) -> None:
+    der, _ = make_csr(name("device-burst"))
+
+    def guess(number: int) -> int:
+        return deployment.server.curl(
+            "devices",
+            "simpleenroll",
+            body=der,
+            cert=deployment.bootstrap,
+            password=f"burst-guess-{number}",
+        ).status
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(12) as pool:
+        statuses = list(pool.map(guess, range(12)))
+    elapsed = time.monotonic() - started
+
+    assert statuses == [401] * 12
+    # At most 5 run at once unthrottled; the other 7 one at a time, a second apart at least.
+    assert elapsed >= 6.0, elapsed
+
+
+def test_passphrase_with_a_trailing_nul_is_wrong(deployment: Deployment) -> None:
+    der, _ = make_csr(name("device-nul"))
+    credentials = base64.b64encode(b"d:" + deployment.passphrase.encode() + b"\x00").decode()
+    response = deployment.server.curl(
+        "devices",
+        "simpleenroll",
+        body=der,
+        cert=deployment.bootstrap,
+        headers={"Authorization": f"Basic {credentials}"},
+    )
+    assert response.status == 401

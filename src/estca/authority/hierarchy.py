@@ -24,6 +24,8 @@ from estca.store.database import Database, bump_generation
 from estca.store.models import CertificateAuthorityRow
 
 SERVER_CA_NAME = "estca-server-ca"
+#: Deeper hierarchies than this are a mistake, not a design (and overflow the encoding).
+MAX_PATH_LENGTH = 16
 SERVER_CA_DAYS = 3650
 SERVER_CERTIFICATE_DAYS = 90
 _CA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -114,8 +116,8 @@ class Hierarchy:
         """
         _check_ca_name(name)
         _check_days(days)
-        if path_length is not None and path_length < 0:
-            raise ConfigurationError("--path-length must be 0 or more")
+        if path_length is not None and not 0 <= path_length <= MAX_PATH_LENGTH:
+            raise ConfigurationError(f"--path-length must be from 0 to {MAX_PATH_LENGTH}")
         parent = self.get(parent_name)
         if parent.kind == "server":
             raise ConfigurationError("the server TLS CA cannot have intermediates")

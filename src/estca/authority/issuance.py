@@ -36,6 +36,7 @@ from estca.pki.names import (
     comparable_sans,
     format_name,
     read_subject_alt_names,
+    reencoded_name,
 )
 from estca.store.database import Database
 from estca.store.models import IssuedCertificateRow
@@ -254,10 +255,13 @@ class Issuer:
         if serial.bit_length() != SERIAL_BITS:
             raise IssuanceInvariantError(f"serial of {serial.bit_length()} bits")
 
+        # A name asked for twice is written once.
+        unique_sans = list({san.comparable(): san for san in request.subject_alt_names}.values())
+
         # Step 7: sign.
         certificate = build_end_entity_certificate(
-            subject=request.subject,
-            subject_alt_names=[san.to_general_name() for san in request.subject_alt_names],
+            subject=reencoded_name(request.subject),
+            subject_alt_names=[san.to_general_name() for san in unique_sans],
             public_key=request.public_key,
             issuer=ca_certificate,
             issuer_key=profile.ca_key,
@@ -273,7 +277,7 @@ class Issuer:
             "template_name": profile.template_name,
             "serial": serial_hex(serial),
             "subject": format_name(request.subject),
-            "subject_alt_names": [str(san) for san in request.subject_alt_names],
+            "subject_alt_names": [str(san) for san in unique_sans],
             "not_before": not_before,
             "not_after": not_after,
             "client_fingerprint": fingerprint(client.certificate) if client.certificate else None,

@@ -19,6 +19,8 @@ SCRYPT_N = 2**14
 SCRYPT_R = 8
 SCRYPT_P = 1
 SALT_BYTES = 16
+#: The stored form's name: scrypt over the SHA-256 of the passphrase.
+SCHEME = "scrypt-sha256"
 MIN_PASSPHRASE_LENGTH = 8
 
 
@@ -36,13 +38,17 @@ def hash_passphrase(passphrase: str) -> str:
     digest = _scrypt(passphrase.encode("utf-8"), salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
     encode = base64.b64encode
     return (
-        f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}$"
+        f"{SCHEME}${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}$"
         f"{encode(salt).decode('ascii')}${encode(digest).decode('ascii')}"
     )
 
 
 def _scrypt(secret: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
-    return hashlib.scrypt(secret, salt=salt, n=n, r=r, p=p, maxmem=64 * 1024 * 1024, dklen=32)
+    # scrypt keys HMAC with the secret, and HMAC pads short keys with zeros and hashes long
+    # ones: "pass" and "pass\0", or a long passphrase and its SHA-256, would be equal. Hashing
+    # first gives every passphrase a key of the same length.
+    key = hashlib.sha256(secret).digest()
+    return hashlib.scrypt(key, salt=salt, n=n, r=r, p=p, maxmem=64 * 1024 * 1024, dklen=32)
 
 
 def verify_passphrase_hash(passphrase: bytes, stored: str) -> bool:
@@ -53,7 +59,7 @@ def verify_passphrase_hash(passphrase: bytes, stored: str) -> bool:
         actual = _scrypt(passphrase, base64.b64decode(salt), int(n), int(r), int(p))
     except ValueError:
         return False
-    return scheme == "scrypt" and hmac.compare_digest(actual, expected)
+    return scheme == SCHEME and hmac.compare_digest(actual, expected)
 
 
 class PassphraseChecker:

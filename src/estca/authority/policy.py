@@ -7,6 +7,7 @@ the names the CSR asks for; no extension of the CSR is ever copied.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ from estca.pki.names import (
     SAN_TYPES,
     SUBJECT_ATTRIBUTES,
     attribute_name,
+    escaped,
     well_formed_problems,
 )
 
@@ -130,6 +132,8 @@ class TemplatePolicy:
                 raise ConfigurationError(f"unknown key usage {usage!r}")
             if usage in ("keyCertSign", "cRLSign"):
                 raise ConfigurationError(f"{usage} is for CA certificates, not templates")
+            if usage in ("encipherOnly", "decipherOnly") and "keyAgreement" not in self.key_usage:
+                raise ConfigurationError(f"{usage} needs keyAgreement among the key usages")
         for usage in self.extended_key_usage:
             if usage not in EXTENDED_KEY_USAGES:
                 raise ConfigurationError(
@@ -161,7 +165,11 @@ class TemplatePolicy:
             "rsa" if key_type.startswith("rsa") else "ec" if key_type.startswith("ec") else key_type
         )
         possible = _USAGES_BY_FAMILY.get(family, set())
-        return [usage for usage in self.key_usage if usage in possible]
+        usages = [usage for usage in self.key_usage if usage in possible]
+        if "keyAgreement" not in usages:
+            # RFC 5280 4.2.1.3: encipherOnly and decipherOnly qualify keyAgreement alone.
+            usages = [u for u in usages if u not in ("encipherOnly", "decipherOnly")]
+        return usages
 
     def violations(self, request: CertificateRequest) -> list[str]:
         """Every rule the request breaks, each in a phrase that names it; empty if none."""
@@ -203,7 +211,7 @@ class TemplatePolicy:
         for san in request.subject_alt_names:
             kinds.add(san.kind)
             if not any(k == san.kind and p.matches(san.value) for k, p in self._allow_san):
-                found.append(f"SAN {san} is not allowed")
+                found.append(f"SAN {san.kind}:{escaped(san.value)} is not allowed")
         for kind in self.require_san:
             if kind not in kinds:
                 found.append(f"a {kind} SAN is required")
@@ -212,10 +220,13 @@ class TemplatePolicy:
     def _subject_violations(self, name: str, value: str) -> list[str]:
         if name not in SUBJECT_ATTRIBUTES:
             return [f"subject attribute {name} is not allowed"]
-        collapsed = " ".join(value.split())
+        # A deny rule also sees the value with white space collapsed and in NFKC form, so that
+        # fullwidth or compatibility letters do not slip past it.
+        forms = {value, " ".join(value.split()), unicodedata.normalize("NFKC", value)}
+        shown = escaped(value)
         for rule_name, pattern in self._deny_subject:
-            if rule_name == name and (pattern.matches(value) or pattern.matches(collapsed)):
-                return [f"subject {name}={value} is denied by {name}={pattern.text}"]
+            if rule_name == name and any(pattern.matches(form) for form in forms):
+                return [f"subject {name}={shown} is denied by {name}={pattern.text}"]
         if not any(n == name and p.matches(value) for n, p in self._allow_subject):
-            return [f"subject {name}={value} is not allowed"]
+            return [f"subject {name}={shown} is not allowed"]
         return []

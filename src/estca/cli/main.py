@@ -549,6 +549,8 @@ def _serve(
     settings = context.settings
     host, port = parse_listen(listen or settings.listen)
     count = workers if workers is not None else settings.workers or (os.cpu_count() or 1)
+    if count < 1:
+        raise ConfigurationError(f"--workers must be 1 or more, not {count}")
     serve(
         settings,
         ServeOptions(

@@ -27,6 +27,7 @@ from estca.config import Settings
 from estca.errors import ConfigurationError
 from estca.est.server import EstServer
 from estca.est.tls import ServerIdentity
+from estca.logvalues import quote
 from estca.runtime import open_authority
 
 logger = logging.getLogger(__name__)
@@ -312,6 +313,25 @@ class LogWriter:
                 return
 
 
+class _HandshakeFailureFilter(logging.Filter):
+    """One line, not a traceback, for a TLS handshake that fails inside Python's ssl module.
+
+    asyncio reports such a failure (a client certificate whose names Python cannot decode) with
+    the exception's traceback; it is the client's fault, so a warning line says it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and "handshake" in str(record.msg).lower():
+            error = record.exc_info[1]
+            record.msg = "TLS handshake failed: %s"
+            record.args = (quote(f"{type(error).__name__}: {error}"),)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno = logging.WARNING
+            record.levelname = "WARNING"
+        return True
+
+
 @contextlib.contextmanager
 def _logging_off_the_event_loop() -> Iterator[None]:
     """Send the root logger's records to a `LogWriter` thread, and give them back after.
@@ -329,6 +349,7 @@ def _logging_off_the_event_loop() -> Iterator[None]:
     logging.logProcesses = False
     logging.logThreads = False
     logging.logMultiprocessing = False
+    logging.getLogger("asyncio").addFilter(_HandshakeFailureFilter())
     writer = LogWriter(handlers[0].formatter)
     for handler in handlers:
         root.removeHandler(handler)

@@ -109,6 +109,9 @@ class FailureThrottle:
     def __init__(self) -> None:
         self._failures: dict[str, list[float]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # Attempts still running count as failures-to-be, so a burst of parallel guesses is
+        # held to the same limit as guesses made one after another.
+        self._in_flight: dict[str, int] = {}
 
     def _recent(self, peer: str) -> int:
         now = time.monotonic()
@@ -117,18 +120,34 @@ class FailureThrottle:
             self._failures[peer] = times
         else:
             self._failures.pop(peer, None)
-            self._locks.pop(peer, None)
+            if peer not in self._in_flight:
+                self._locks.pop(peer, None)
         return len(times)
 
     @contextlib.asynccontextmanager
-    async def attempt(self, peer: str) -> AsyncIterator[None]:
-        if self._recent(peer) < THROTTLE_FREE_FAILURES:
-            yield
-            return
-        lock = self._locks.setdefault(peer, asyncio.Lock())
-        async with lock:
-            await asyncio.sleep(THROTTLE_DELAY_SECONDS)
-            yield
+    async def attempt(self, peer: str, known_good: Callable[[], bool]) -> AsyncIterator[None]:
+        """Hold a passphrase check from ``peer`` until the throttle lets it run.
+
+        ``known_good`` says whether the passphrase has meanwhile been found correct (by an
+        earlier attempt of the same burst): such an attempt waits its turn but not the pause.
+        """
+        running = self._in_flight.get(peer, 0)
+        self._in_flight[peer] = running + 1
+        try:
+            if self._recent(peer) + running < THROTTLE_FREE_FAILURES:
+                yield
+                return
+            lock = self._locks.setdefault(peer, asyncio.Lock())
+            async with lock:
+                if not known_good():
+                    await asyncio.sleep(THROTTLE_DELAY_SECONDS)
+                yield
+        finally:
+            left = self._in_flight[peer] - 1
+            if left:
+                self._in_flight[peer] = left
+            else:
+                del self._in_flight[peer]
 
     def failed(self, peer: str) -> None:
         if len(self._failures) > THROTTLE_MAX_PEERS:
@@ -346,8 +365,12 @@ class EstServer:
             return
         # Guesses are throttled per peer: past a few failures, one attempt at a time, slowly.
         peer = _peer(request)
-        async with self.throttle.attempt(peer):
-            if await _off_loop(checker.check, passphrase, profile.passphrase_hash):
+
+        def known_good() -> bool:
+            return checker.is_remembered(passphrase, profile.passphrase_hash)
+
+        async with self.throttle.attempt(peer, known_good):
+            if known_good() or await _off_loop(checker.check, passphrase, profile.passphrase_hash):
                 return
             self.throttle.failed(peer)
         raise AuthenticationFailedError(f"wrong passphrase for label {profile.label!r}")

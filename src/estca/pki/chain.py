@@ -69,7 +69,11 @@ class ChainValidator:
             )
         try:
             verified = self._verifier_at(now).verify(leaf, self._anchors)
-        except verification.VerificationError as exc:
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        # VerificationError for a chain that does not hold; ValueError (or a panic of the Rust
+        # core) for a certificate whose extensions cannot be parsed: both are the client's.
+        except BaseException as exc:  # noqa: BLE001
             raise ClientCertificateError(
                 f"client certificate {format_name(leaf.subject)!r} issued by "
                 f"{format_name(leaf.issuer)!r} does not chain to this label's trusted "

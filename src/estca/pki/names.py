@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import urllib.parse
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -156,18 +157,40 @@ _ATTRIBUTE_LIMITS = {
     "emailAddress": 255,
     "C": 2,
 }
+#: Attributes whose ASN.1 type restricts their characters (RFC 5280 appendix A.1).
+_ATTRIBUTE_SYNTAX = {
+    "C": (re.compile(r"[A-Z]{2}"), "two capital letters (ISO 3166)"),
+    "serialNumber": (re.compile(r"[A-Za-z0-9 '()+,\-./:=?]+"), "a PrintableString"),
+    "emailAddress": (re.compile(r"[\x20-\x7e]+"), "ASCII (an IA5String)"),
+}
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 _EMAIL_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}")
 
 
 def is_host_name(value: str) -> bool:
-    """A DNS name in the preferred syntax (RFC 1034 3.5, RFC 5280 4.2.1.6): no wildcard."""
+    """A DNS name in the preferred syntax (RFC 1034 3.5, RFC 5280 4.2.1.6): no wildcard, no
+    all-numeric top label (which would be an IP address written as a name), valid A-labels."""
     labels = value.split(".")
-    return len(value) <= 253 and all(_DNS_LABEL.fullmatch(label) for label in labels)
+    return (
+        len(value) <= 253
+        and all(_DNS_LABEL.fullmatch(label) and _valid_a_label(label) for label in labels)
+        and not labels[-1].isdigit()
+    )
 
 
-def _escaped(value: str) -> str:
+def _valid_a_label(label: str) -> bool:
+    if not label.lower().startswith("xn--"):
+        return True
+    try:
+        label.encode("ascii").decode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
+def escaped(value: str) -> str:
+    """A value with every non-printable character as a backslash escape, for messages."""
     return value.encode("unicode_escape").decode("ascii")
 
 
@@ -190,18 +213,24 @@ def well_formed_problems(subject: x509.Name, sans: list[SubjectAltName]) -> list
                 continue
             if not value.isprintable():
                 problems.append(
-                    f"subject {name}={_escaped(value)} holds control or format characters"
+                    f"subject {name}={escaped(value)} holds control or format characters"
                 )
             limit = _ATTRIBUTE_LIMITS.get(name)
             if limit is not None and not 1 <= len(value) <= limit:
                 problems.append(f"subject {name} must be 1 to {limit} characters")
+            syntax = _ATTRIBUTE_SYNTAX.get(name)
+            if syntax is not None and not syntax[0].fullmatch(value):
+                problems.append(f"subject {name}={escaped(value)} must be {syntax[1]}")
+    if not subject.rdns and not sans:
+        # RFC 5280 4.1.2.6: with an empty subject, the SAN extension must name the subject.
+        problems.append("the request names no subject and no SAN")
     for name, count in counts.items():
         if count > 1:
             problems.append(f"subject attribute {name} appears {count} times")
     for san in sans:
         problem = _san_problem(san)
         if problem:
-            problems.append(f"SAN {san.kind}:{_escaped(san.value)} {problem}")
+            problems.append(f"SAN {san.kind}:{escaped(san.value)} {problem}")
     return problems
 
 
@@ -219,9 +248,46 @@ def _san_problem(san: SubjectAltName) -> str | None:
         return None if is_host_name(value) else "is not a host name"
     if san.kind == "email":
         local, at, domain = value.rpartition("@")
-        if not at or not _EMAIL_LOCAL.fullmatch(local) or not is_host_name(domain):
+        # RFC 5321 4.1.2 dot-atom: no leading, trailing or doubled dot in the local part.
+        dots_ok = not (local.startswith(".") or local.endswith(".") or ".." in local)
+        if not at or not _EMAIL_LOCAL.fullmatch(local) or not dots_ok:
             return "is not a mailbox address"
-        return None
+        return None if is_host_name(domain) else "is not a mailbox address"
+    return _uri_problem(value)
+
+
+def _uri_problem(value: str) -> str | None:
+    """RFC 5280 4.2.1.6: a URI with a scheme and, when it has an authority, a host name or IP."""
     if not _URI_SCHEME.match(value) or len(value) > 2048:
         return "is not a URI"
+    try:
+        parts = urllib.parse.urlsplit(value)
+        host = parts.hostname or ""
+    except ValueError:
+        return "is not a URI"
+    if not (parts.netloc or parts.path):
+        return "is not a URI"
+    if "//" in value[: len(parts.scheme) + 3]:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if not is_host_name(host):
+                return "does not name a host"
     return None
+
+
+def reencoded_name(name: x509.Name) -> x509.Name:
+    """The same attribute values under the ASN.1 string type each attribute should have.
+
+    A CSR may encode a value under any tag (an OCTET STRING, a NumericString); copying the tag
+    would sign a certificate that parsers refuse. cryptography's default for each attribute is
+    the RFC 5280 type: UTF8String, PrintableString for C and serialNumber, IA5String for email.
+    """
+    return x509.Name(
+        [
+            x509.RelativeDistinguishedName(
+                [x509.NameAttribute(attribute.oid, attribute.value) for attribute in rdn]
+            )
+            for rdn in name.rdns
+        ]
+    )
