@@ -169,15 +169,18 @@ class Hierarchy:
 
     def list_all(self, include_server: bool = False) -> list[CertificateAuthority]:
         with self._database.session() as session:
-            rows = session.scalars(
-                select(CertificateAuthorityRow).order_by(CertificateAuthorityRow.id)
-            ).all()
-            names = {row.id: row.name for row in rows}
-            return [
-                _from_row(row, names.get(row.parent_id) if row.parent_id else None)
-                for row in rows
-                if include_server or row.kind != "server"
-            ]
+            return self.list_in(session, include_server)
+
+    def list_in(self, session: Session, include_server: bool) -> list[CertificateAuthority]:
+        rows = session.scalars(
+            select(CertificateAuthorityRow).order_by(CertificateAuthorityRow.id)
+        ).all()
+        names = {row.id: row.name for row in rows}
+        return [
+            _from_row(row, names.get(row.parent_id) if row.parent_id else None)
+            for row in rows
+            if include_server or row.kind != "server"
+        ]
 
     def get(self, name: str) -> CertificateAuthority:
         """Raises: NotFoundError: no CA of that name."""

@@ -255,7 +255,7 @@ class Authority:
         with self.database.session() as session:
             own_cas = {
                 ca.certificate.fingerprint(hashes.SHA256()): ca.id
-                for ca in self.hierarchy.list_all(include_server=True)
+                for ca in self.hierarchy.list_in(session, include_server=True)
             }
             rows = session.execute(
                 select(EstEnrollmentRow, TemplateRow).join(

@@ -151,8 +151,9 @@ class FailureThrottle:
 
     def failed(self, peer: str) -> None:
         if len(self._failures) > THROTTLE_MAX_PEERS:
+            # Bounded memory; a lock some attempt still holds is kept.
             self._failures.clear()
-            self._locks.clear()
+            self._locks = {p: lock for p, lock in self._locks.items() if p in self._in_flight}
         self._failures.setdefault(peer, []).append(time.monotonic())
 
 
