@@ -43,7 +43,7 @@ def test_every_form_decodes_to_the_same_csr(body: bytes) -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"", b"  \r\n", TEXT.replace(b"+", b"-"), TEXT[:10] + b"%" + TEXT[10:], TEXT[:-3] + b"_"],
+    [b"", b"  \r\n", TEXT[:8] + b"-" + TEXT[9:], TEXT[:10] + b"%" + TEXT[10:], TEXT[:-3] + b"_"],
     ids=["empty", "blank", "urlsafe-dash", "percent", "underscore"],
 )
 def test_bodies_outside_the_base64_alphabet_are_refused(body: bytes) -> None:
